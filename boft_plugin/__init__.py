@@ -1,0 +1,32 @@
+"""boft-plugin: a fast, exact, sharding-aware BOFT backend for PEFT.
+
+Importing the package changes nothing; call :func:`register` to route PEFT's ``BOFT`` type to this tuner::
+
+    import boft_plugin
+    boft_plugin.register()
+    model = peft.get_peft_model(model, peft.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=2, ...))
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+# Public names, imported on first use so that `import boft_plugin` stays cheap and side-effect free.
+_LAZY = {
+    "register": ".registry",
+    "unregister": ".registry",
+    "is_registered": ".registry",
+    "BoftModel": ".tuner.model",
+    "BoftTargetError": ".tuner.model",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'boft_plugin' has no attribute {name!r}")

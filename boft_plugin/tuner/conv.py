@@ -1,0 +1,64 @@
+"""BOFT on ``nn.Conv2d``: rotate the flattened filter (weight-centric), as PEFT does.
+
+The rotation acts on the ``in_channels * kh * kw`` filter axis of the ``(out, in, kh, kw)`` weight; its
+effective blocks are applied to the weight (no dense rotation), then the base layer's own convolution runs with
+the rotated, scaled weight (its stride, padding and dilation are honoured). ``boft_s`` is ``(1, out)`` as in PEFT.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..ops.butterfly import rotate_weight
+from .layer import BoftLayerMixin
+
+
+class BoftConv2d(nn.Module, BoftLayerMixin):
+    """BOFT adapter around an ``nn.Conv2d`` with ``groups == 1``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
+        super().__init__()
+        BoftLayerMixin.__init__(self, base_layer, **kwargs)
+        self._init_boft_state()
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config=config)
+
+    def rotated_width(self) -> int:
+        base = self.get_base_layer()
+        return self.in_features * base.kernel_size[0] * base.kernel_size[1]
+
+    def _scale_shape(self) -> tuple[int, int]:
+        return (1, self.out_features)
+
+    def _weight_matrix(self) -> Tensor:
+        return self.get_base_weight().reshape(self.out_features, -1)
+
+    def _store_weight_matrix(self, matrix: Tensor) -> None:
+        weight = self.get_base_weight()
+        self.set_base_weight(matrix.reshape(weight.shape).contiguous().to(weight.dtype))
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        previous_dtype = x.dtype
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        adapters = [] if self.merged else self.active_boft_adapters()
+        if not adapters:
+            return self.base_layer(x, *args, **kwargs)
+
+        base = self.get_base_layer()
+        weight = self.get_base_weight()
+        matrix = weight.reshape(self.out_features, -1)
+        # PEFT's W @ (B_last ... B_first)^T: rotate by the first adapter first.
+        for name in adapters:
+            matrix = rotate_weight(matrix, self.rotation_blocks(name))
+            matrix = matrix * self.scale_vector(name).to(matrix.dtype)[:, None]
+        rotated = matrix.reshape(weight.shape).to(weight.dtype)
+        bias = base.bias
+        return base._conv_forward(x.to(weight.dtype), rotated, bias).to(previous_dtype)
+
+    def __repr__(self) -> str:
+        return "boft." + super().__repr__()

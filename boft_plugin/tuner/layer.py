@@ -1,0 +1,144 @@
+"""Shared behaviour of our BOFT layers: parameters, rotation blocks, merge/unmerge.
+
+The layer classes subclass PEFT's ``BOFTLayer`` so that PEFT's helpers (``set_adapter``, ``delete_adapter``,
+``disable_adapter``, ``merge_and_unload``, state-dict helpers) and TRL treat them as BOFT layers. Nothing here
+calls PEFT's ``BOFTLayer.update_layer``: that would try to compile PEFT's CUDA extension and, where it cannot,
+silently drop to one butterfly factor.
+
+Subclasses say how their base weight maps to an ``(out, width)`` matrix and how ``boft_s`` is laid out.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from peft.tuners.boft.layer import BOFTLayer, MultiplicativeDropoutLayer
+from peft.tuners.tuners_utils import check_adapters_to_merge
+from torch import Tensor, nn
+
+from ..ops.butterfly import cayley, compose_effective_blocks, multiplicative_dropout, rotate_weight
+from .geometry import Geometry, GeometryError, resolve_geometry
+
+
+class BoftLayerMixin(BOFTLayer):
+    """Parameters and maths common to every layer type; see :class:`BoftLinear` and :class:`BoftConv2d`."""
+
+    # `boft_geometry` is a plain dict (not a buffer): it survives meta-device init, `to_empty()` and ZeRO-3
+    # partitioning, where the parameter shapes do not tell the geometry.
+    other_param_names = ("boft_block_size", "boft_block_num", "boft_dropout", "boft_geometry")
+
+    def _init_boft_state(self) -> None:
+        self.boft_geometry: dict[str, Geometry] = {}
+
+    # -- subclass hooks ---------------------------------------------------------------------------------------
+    def rotated_width(self) -> int:
+        """Width of the vector the butterfly rotation acts on (``in_features`` for a linear layer)."""
+        raise NotImplementedError
+
+    def _scale_shape(self) -> tuple[int, int]:
+        """Shape of ``boft_s`` (PEFT: ``(out, 1)`` for linear layers, ``(1, out)`` for Conv2d)."""
+        return (self.out_features, 1)
+
+    def _weight_matrix(self) -> Tensor:
+        """Base weight as an ``(out, width)`` matrix (a view or a copy; never written through)."""
+        raise NotImplementedError
+
+    def _store_weight_matrix(self, matrix: Tensor) -> None:
+        """Write an ``(out, width)`` matrix back into the base weight, in its layout and dtype."""
+        raise NotImplementedError
+
+    # -- adapter creation -------------------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config, **kwargs) -> None:
+        """Create adapter ``adapter_name``: ``boft_R`` ``(m, N, b, b)`` and ``boft_s`` from ``config``.
+
+        The butterfly factor count is taken from the config as is; a geometry that cannot work raises.
+        """
+        try:
+            geometry = resolve_geometry(
+                self.rotated_width(), config.boft_block_size, config.boft_block_num, config.boft_n_butterfly_factor
+            )
+        except GeometryError as err:
+            raise ValueError(f"BOFT adapter '{adapter_name}' cannot be added to this layer: {err.reason}") from None
+
+        dropout = MultiplicativeDropoutLayer(p=config.boft_dropout) if config.boft_dropout > 0 else nn.Identity()
+        self.boft_dropout.update(nn.ModuleDict({adapter_name: dropout}))
+        self.boft_R[adapter_name] = nn.Parameter(torch.zeros(geometry.param_shape))
+        self.boft_s[adapter_name] = nn.Parameter(torch.ones(self._scale_shape()))
+        self.reset_boft_parameters(adapter_name, config.init_weights)
+        self.boft_block_size[adapter_name] = geometry.block_size
+        self.boft_block_num[adapter_name] = geometry.block_num
+        self.boft_geometry[adapter_name] = geometry
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    # -- maths ------------------------------------------------------------------------------------------------
+    def active_boft_adapters(self) -> list[str]:
+        """Active adapters that live on this layer, in PEFT's order."""
+        return [name for name in self.active_adapters if name in self.boft_R]
+
+    def rotation_blocks(self, adapter_name: str) -> Tensor:
+        """Effective blocks ``(K, Be, Be)`` of adapter ``adapter_name``'s rotation, float32 (float64 stays).
+
+        Applies ``boft_dropout`` in training, like PEFT's ``MultiplicativeDropoutLayer``.
+        """
+        weight = self.boft_R[adapter_name]
+        with torch.autocast(device_type=weight.device.type, enabled=False):
+            blocks = cayley(weight)
+            dropout = self.boft_dropout[adapter_name]
+            if self.training and isinstance(dropout, MultiplicativeDropoutLayer) and dropout.p > 0:
+                blocks = multiplicative_dropout(blocks, dropout.p)
+            return compose_effective_blocks(blocks)
+
+    def scale_vector(self, adapter_name: str) -> Tensor:
+        """``boft_s`` of ``adapter_name`` as an ``(out,)`` vector."""
+        return self.boft_s[adapter_name].reshape(-1)
+
+    def get_delta_weight(self, adapter_name: str) -> tuple[Tensor, Tensor]:
+        """PEFT-compatible ``(rotation, boft_s)``; the rotation is a dense ``(width, width)`` matrix.
+
+        For inspection and PEFT helpers only: training, merge and export never build it.
+        """
+        blocks = self.rotation_blocks(adapter_name)
+        scale = self.boft_s[adapter_name]
+        return torch.block_diag(*blocks), scale if scale.shape[1] == 1 else scale.transpose(0, 1)
+
+    @torch.no_grad()
+    def _merged_matrix(self, matrix: Tensor, adapter_name: str) -> Tensor:
+        """``W B^T`` with rows scaled by ``boft_s``, computed in float32."""
+        rotated = rotate_weight(matrix, self.rotation_blocks(adapter_name))
+        return rotated * self.scale_vector(adapter_name).to(rotated.dtype)[:, None]
+
+    @torch.no_grad()
+    def _unmerged_matrix(self, matrix: Tensor, adapter_name: str) -> Tensor:
+        """Inverse of :meth:`_merged_matrix`: ``(W' / boft_s) B``."""
+        blocks = self.rotation_blocks(adapter_name)
+        unscaled = matrix.to(blocks.dtype) / self.scale_vector(adapter_name).to(blocks.dtype)[:, None]
+        return rotate_weight(unscaled, blocks, inverse=True)
+
+    # -- merge / unmerge (PEFT's API) -------------------------------------------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Merge adapters into the base weight: ``W' = (B @ W^T)^T * boft_s``, one adapter after another.
+
+        With ``safe_merge`` the merged weight is checked for NaN/Inf before anything is written.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for name in adapter_names:
+            if name not in self.boft_R:
+                continue
+            merged = self._merged_matrix(self._weight_matrix(), name)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            self._store_weight_matrix(merged)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` for every merged adapter, last merged first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.boft_R:
+                self._store_weight_matrix(self._unmerged_matrix(self._weight_matrix(), name))

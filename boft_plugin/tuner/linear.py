@@ -1,0 +1,71 @@
+"""BOFT on ``nn.Linear`` and transformers' ``Conv1D`` (``fan_in_fan_out``): rotate the activations.
+
+Training is input-centric: ``x`` is rotated by the composed effective blocks (one batched block matmul), then
+the frozen base layer runs as usual, so the base weight needs no gradient and no dense ``in x in`` rotation is
+ever built. Output: ``y = (base(x @ B) - bias) * boft_s + bias``, exactly PEFT's maths.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.butterfly import rotate_activations
+from .layer import BoftLayerMixin
+
+
+class BoftLinear(nn.Module, BoftLayerMixin):
+    """BOFT adapter around a linear layer (``nn.Linear``, or ``Conv1D`` with ``fan_in_fan_out=True``)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
+        super().__init__()
+        BoftLayerMixin.__init__(self, base_layer, **kwargs)
+        self._init_boft_state()
+        self.fan_in_fan_out = config.fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config=config)
+
+    def rotated_width(self) -> int:
+        return self.in_features
+
+    def _weight_matrix(self) -> Tensor:
+        weight = self.get_base_weight()
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _store_weight_matrix(self, matrix: Tensor) -> None:
+        dtype = self.get_base_weight().dtype
+        weight = matrix.T if self.fan_in_fan_out else matrix
+        self.set_base_weight(weight.contiguous().to(dtype))
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        previous_dtype = x.dtype
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        adapters = [] if self.merged else self.active_boft_adapters()
+        if not adapters:
+            return self.base_layer(x, *args, **kwargs)
+
+        # PEFT composes B = B_last ... B_first, so x @ B applies the last active adapter's rotation first.
+        rotated = x
+        for name in reversed(adapters):
+            rotated = rotate_activations(rotated, self.rotation_blocks(name).to(x.dtype))
+        result = self.base_layer(rotated, *args, **kwargs)
+
+        scale = self.scale_vector(adapters[0])
+        for name in adapters[1:]:
+            scale = scale * self.scale_vector(name)
+        scale = scale.to(result.dtype)
+        bias = self.get_base_layer().bias
+        if bias is None:
+            result = result * scale
+        else:
+            # (result - bias) * s + bias, fused: result * s + bias * (1 - s).
+            result = torch.addcmul(bias.to(result.dtype) * (1 - scale), result, scale)
+        return result.to(previous_dtype)
+
+    def __repr__(self) -> str:
+        return "boft." + super().__repr__()
