@@ -11,7 +11,6 @@ Subclasses say how their base weight maps to an ``(out, width)`` matrix and how 
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 from peft.tuners.boft.layer import BOFTLayer, MultiplicativeDropoutLayer
@@ -118,7 +117,7 @@ class BoftLayerMixin(BOFTLayer):
         return rotate_weight(unscaled, blocks, inverse=True)
 
     # -- merge / unmerge (PEFT's API) -------------------------------------------------------------------------
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Merge adapters into the base weight: ``W' = (B @ W^T)^T * boft_s``, one adapter after another.
 
         With ``safe_merge`` the merged weight is checked for NaN/Inf before anything is written.
@@ -136,7 +135,7 @@ class BoftLayerMixin(BOFTLayer):
     def unmerge(self) -> None:
         """Undo :meth:`merge` for every merged adapter, last merged first."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()

@@ -147,12 +147,14 @@ class BoftModel(BOFTModel):
         if kind == "linear" and boft_config.fan_in_fan_out:
             warnings.warn(
                 "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
-                "Setting fan_in_fan_out to False."
+                "Setting fan_in_fan_out to False.",
+                stacklevel=2,
             )
             boft_config.fan_in_fan_out = False
         elif kind == "conv1d" and not boft_config.fan_in_fan_out:
             warnings.warn(
-                "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True."
+                "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.",
+                stacklevel=2,
             )
             boft_config.fan_in_fan_out = True
         return BoftLinear(target, adapter_name, config=boft_config)
