@@ -148,20 +148,21 @@ def compose_effective_blocks(blocks: Tensor) -> Tensor:
         blocks: ``(m, N, b, b)`` orthogonal factor blocks.
 
     Returns:
-        ``(N / 2**(m-1), Be, Be)`` with ``Be = b * 2**(m-1)``; block ``k`` of ``B`` equals ``E[k]``.
-        Cost ``O(m * n * Be * b)``: independent of the number of tokens.
+        ``(N / 2**(m-1), Be, Be)`` with ``Be = b * 2**(m-1)``; block ``k`` of ``B`` equals ``E[k]``, in the
+        dtype of ``blocks`` (autocast does not lower it). Cost ``O(m * n * Be * b)``, independent of the tokens.
     """
     m, n_blocks, b, _ = blocks.shape
     if m == 1:
         return blocks[0]
     per = 2 ** (m - 1)
-    # B_{m-1} = P D P^T = D[perm][:, perm]: both axes permuted within each effective block.
-    rows = _block_diagonal_within(blocks[m - 1], per)
-    rows = permute_last_dim(rows, m - 1, b)
-    rows = permute_last_dim(rows.transpose(-1, -2), m - 1, b).transpose(-1, -2)
-    for factor in range(m - 2, -1, -1):
-        rows = _right_multiply_factor(rows, blocks[factor], factor, b)
-    return rows
+    with torch.autocast(device_type=blocks.device.type, enabled=False):
+        # B_{m-1} = P D P^T = D[perm][:, perm]: both axes permuted within each effective block.
+        rows = _block_diagonal_within(blocks[m - 1], per)
+        rows = permute_last_dim(rows, m - 1, b)
+        rows = permute_last_dim(rows.transpose(-1, -2), m - 1, b).transpose(-1, -2)
+        for factor in range(m - 2, -1, -1):
+            rows = _right_multiply_factor(rows, blocks[factor], factor, b)
+        return rows
 
 
 def rotate_activations(x: Tensor, effective_blocks: Tensor) -> Tensor:

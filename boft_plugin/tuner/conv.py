@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..ops.butterfly import rotate_weight
@@ -32,12 +33,11 @@ class BoftConv2d(nn.Module, BoftLayerMixin):
     def _scale_shape(self) -> tuple[int, int]:
         return (1, self.out_features)
 
-    def _weight_matrix(self) -> Tensor:
-        return self.get_base_weight().reshape(self.out_features, -1)
+    def weight_to_matrix(self, weight: Tensor) -> Tensor:
+        return weight.reshape(weight.shape[0], -1)
 
-    def _store_weight_matrix(self, matrix: Tensor) -> None:
-        weight = self.get_base_weight()
-        self.set_base_weight(matrix.reshape(weight.shape).contiguous().to(weight.dtype))
+    def matrix_to_weight(self, matrix: Tensor, weight_shape: torch.Size) -> Tensor:
+        return matrix.reshape(weight_shape)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         previous_dtype = x.dtype

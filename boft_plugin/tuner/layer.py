@@ -21,6 +21,32 @@ from ..ops.butterfly import cayley, compose_effective_blocks, multiplicative_dro
 from .geometry import Geometry, GeometryError, resolve_geometry
 
 
+def rotation_blocks_from(boft_r: Tensor, dropout_p: float = 0.0) -> Tensor:
+    """Effective blocks ``(K, Be, Be)`` from full ``boft_R`` ``(m, N, b, b)``; float32 whatever autocast says."""
+    with torch.autocast(device_type=boft_r.device.type, enabled=False):
+        blocks = cayley(boft_r)
+        if dropout_p > 0:
+            blocks = multiplicative_dropout(blocks, dropout_p)
+        return compose_effective_blocks(blocks)
+
+
+@torch.no_grad()
+def merge_matrix(matrix: Tensor, boft_r: Tensor, boft_s: Tensor, inverse: bool = False) -> Tensor:
+    """Merge (``W B^T``, rows scaled by ``boft_s``) or unmerge one adapter into an ``(out, width)`` matrix.
+
+    Args:
+        matrix: ``(out, width)`` base weight; boft_r: ``(m, N, b, b)``; boft_s: ``(out, 1)`` or ``(1, out)``.
+
+    Returns:
+        ``(out, width)`` in float32 (float64 stays float64).
+    """
+    blocks = rotation_blocks_from(boft_r)
+    scale = boft_s.reshape(-1, 1).to(blocks.dtype)
+    if inverse:
+        return rotate_weight(matrix.to(blocks.dtype) / scale, blocks, inverse=True)
+    return rotate_weight(matrix, blocks) * scale
+
+
 class BoftLayerMixin(BOFTLayer):
     """Parameters and maths common to every layer type; see :class:`BoftLinear` and :class:`BoftConv2d`."""
 
@@ -40,13 +66,20 @@ class BoftLayerMixin(BOFTLayer):
         """Shape of ``boft_s`` (PEFT: ``(out, 1)`` for linear layers, ``(1, out)`` for Conv2d)."""
         return (self.out_features, 1)
 
-    def _weight_matrix(self) -> Tensor:
-        """Base weight as an ``(out, width)`` matrix (a view or a copy; never written through)."""
+    def weight_to_matrix(self, weight: Tensor) -> Tensor:
+        """A base weight (this layer's layout) as an ``(out, width)`` matrix view."""
         raise NotImplementedError
 
-    def _store_weight_matrix(self, matrix: Tensor) -> None:
-        """Write an ``(out, width)`` matrix back into the base weight, in its layout and dtype."""
+    def matrix_to_weight(self, matrix: Tensor, weight_shape: torch.Size) -> Tensor:
+        """Inverse of :meth:`weight_to_matrix`."""
         raise NotImplementedError
+
+    def _weight_matrix(self) -> Tensor:
+        return self.weight_to_matrix(self.get_base_weight())
+
+    def _store_weight_matrix(self, matrix: Tensor) -> None:
+        weight = self.get_base_weight()
+        self.set_base_weight(self.matrix_to_weight(matrix, weight.shape).contiguous().to(weight.dtype))
 
     # -- adapter creation -------------------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config, **kwargs) -> None:
@@ -82,13 +115,9 @@ class BoftLayerMixin(BOFTLayer):
 
         Applies ``boft_dropout`` in training, like PEFT's ``MultiplicativeDropoutLayer``.
         """
-        weight = self.boft_R[adapter_name]
-        with torch.autocast(device_type=weight.device.type, enabled=False):
-            blocks = cayley(weight)
-            dropout = self.boft_dropout[adapter_name]
-            if self.training and isinstance(dropout, MultiplicativeDropoutLayer) and dropout.p > 0:
-                blocks = multiplicative_dropout(blocks, dropout.p)
-            return compose_effective_blocks(blocks)
+        dropout = self.boft_dropout[adapter_name]
+        p = dropout.p if self.training and isinstance(dropout, MultiplicativeDropoutLayer) else 0.0
+        return rotation_blocks_from(self.boft_R[adapter_name], p)
 
     def scale_vector(self, adapter_name: str) -> Tensor:
         """``boft_s`` of ``adapter_name`` as an ``(out,)`` vector."""
@@ -103,18 +132,11 @@ class BoftLayerMixin(BOFTLayer):
         scale = self.boft_s[adapter_name]
         return torch.block_diag(*blocks), scale if scale.shape[1] == 1 else scale.transpose(0, 1)
 
-    @torch.no_grad()
     def _merged_matrix(self, matrix: Tensor, adapter_name: str) -> Tensor:
-        """``W B^T`` with rows scaled by ``boft_s``, computed in float32."""
-        rotated = rotate_weight(matrix, self.rotation_blocks(adapter_name))
-        return rotated * self.scale_vector(adapter_name).to(rotated.dtype)[:, None]
+        return merge_matrix(matrix, self.boft_R[adapter_name], self.boft_s[adapter_name])
 
-    @torch.no_grad()
     def _unmerged_matrix(self, matrix: Tensor, adapter_name: str) -> Tensor:
-        """Inverse of :meth:`_merged_matrix`: ``(W' / boft_s) B``."""
-        blocks = self.rotation_blocks(adapter_name)
-        unscaled = matrix.to(blocks.dtype) / self.scale_vector(adapter_name).to(blocks.dtype)[:, None]
-        return rotate_weight(unscaled, blocks, inverse=True)
+        return merge_matrix(matrix, self.boft_R[adapter_name], self.boft_s[adapter_name], inverse=True)
 
     # -- merge / unmerge (PEFT's API) -------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

@@ -30,14 +30,11 @@ class BoftLinear(nn.Module, BoftLayerMixin):
     def rotated_width(self) -> int:
         return self.in_features
 
-    def _weight_matrix(self) -> Tensor:
-        weight = self.get_base_weight()
-        return weight.T if self.fan_in_fan_out else weight
+    def weight_to_matrix(self, weight: Tensor) -> Tensor:
+        return weight.T if self.fan_in_fan_out else weight  # Conv1D stores (in, out)
 
-    def _store_weight_matrix(self, matrix: Tensor) -> None:
-        dtype = self.get_base_weight().dtype
-        weight = matrix.T if self.fan_in_fan_out else matrix
-        self.set_base_weight(weight.contiguous().to(dtype))
+    def matrix_to_weight(self, matrix: Tensor, weight_shape: torch.Size) -> Tensor:
+        return matrix.T if self.fan_in_fan_out else matrix
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         previous_dtype = x.dtype
