@@ -21,6 +21,9 @@ _LAZY = {
     "is_registered": ".registry",
     "BoftModel": ".tuner.model",
     "BoftTargetError": ".tuner.model",
+    "BoftSaveError": ".tuner.model",
+    "export_adapter": ".export",
+    "export_merged": ".export",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -110,8 +110,37 @@ def check_targets(model: nn.Module, config, adapter_name: str) -> None:
         raise BoftTargetError("\n  - ".join([header, *problems]))
 
 
+class BoftSaveError(RuntimeError):
+    """A save would write partitioned (sharded) adapter tensors; nothing was written."""
+
+
+def refuse_partitioned(state_dict: dict) -> None:
+    """Raise :class:`BoftSaveError` if any tensor holds only this rank's shard (ZeRO-3 ``[0]``, a DTensor)."""
+    from ..distributed.gather import is_partitioned
+
+    bad = [f"{k} {tuple(v.shape)}" for k, v in state_dict.items() if is_partitioned(v) or v.numel() == 0]
+    if bad:
+        raise BoftSaveError(
+            f"refusing to save {len(bad)} partitioned adapter tensor(s) (e.g. {', '.join(bad[:3])}): under "
+            "DeepSpeed ZeRO-3 or FSDP each rank holds only its shard, and saving them as is would write empty or "
+            "partial tensors. Call boft_plugin.export_adapter(model, output_dir) on every rank instead (it gathers "
+            "and writes on rank 0), or pass a gathered state_dict to save_pretrained."
+        )
+
+
 class BoftModel(BOFTModel):
     """Drop-in replacement for PEFT's ``BOFTModel`` (same config, same parameter names and shapes)."""
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        # PEFT's save_pretrained / get_peft_model_state_dict route through here; the exporter selects first
+        # and gathers afterwards, so only plain saves are checked.
+        from ..export import selecting_for_export
+
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        if not selecting_for_export.get():
+            refuse_partitioned(selected)
+        return selected
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         self._adapter_being_injected = adapter_name

@@ -1,0 +1,86 @@
+"""Gather full tensors from any layout: plain/DDP, DeepSpeed ZeRO-1/2/3, FSDP2 (DTensor).
+
+Every function here is *collective* when a process group is initialised: all ranks must call it with the same
+tensors in the same order.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["barrier", "full_tensor", "is_partitioned", "rank", "unwrap_peft_model", "world_size"]
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def is_partitioned(tensor: Tensor) -> bool:
+    """True when ``tensor`` holds only this rank's share (ZeRO-3 partition or DTensor shard)."""
+    if hasattr(tensor, "ds_id"):
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        return tensor.ds_status != ZeroParamStatus.AVAILABLE
+    return _is_dtensor(tensor)
+
+
+def full_tensor(tensor: Tensor, prefer_fp32_master: bool = True) -> Tensor:
+    """The full value of a parameter or buffer, detached, on its device (collective for sharded tensors).
+
+    Under DeepSpeed the fp32 master copy of a trainable parameter is returned when one exists (bf16/fp16
+    training keeps the exact value there), else the gathered module parameter.
+    """
+    if (
+        prefer_fp32_master
+        and getattr(tensor, "requires_grad", False)
+        and (hasattr(tensor, "ds_id") or hasattr(tensor, "_hp_mapping"))
+    ):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        try:
+            master = safe_get_full_fp32_param(tensor)
+        except AttributeError:  # ZeRO-3 model without an optimizer (inference engine)
+            master = None
+        if master is not None:
+            return master.detach().reshape(getattr(tensor, "ds_shape", tensor.shape))
+    if hasattr(tensor, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+            return tensor.data.detach().clone()
+    if _is_dtensor(tensor):
+        return tensor.full_tensor().detach()
+    return tensor.detach()
+
+
+def unwrap_peft_model(model: nn.Module):
+    """Find the ``PeftModel`` inside DDP / DeepSpeed / accelerate / ``torch.compile`` wrappers."""
+    from peft import PeftModel
+
+    current = model
+    for _ in range(16):
+        if isinstance(current, PeftModel):
+            return current
+        if hasattr(current, "_orig_mod"):
+            current = current._orig_mod
+        elif isinstance(getattr(current, "module", None), nn.Module):
+            current = current.module
+        else:
+            break
+    raise TypeError(f"expected a PEFT model (possibly wrapped by DDP/DeepSpeed/accelerate), got {type(model).__name__}")
