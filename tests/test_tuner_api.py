@@ -277,3 +277,16 @@ def test_low_cpu_mem_usage_load_and_from_pretrained(registered, tmp_path):
     loaded = PeftModel.from_pretrained(MLP(), tmp_path, low_cpu_mem_usage=True)
     assert isinstance(loaded.base_model.model.lin0, BoftLinear)
     assert torch.allclose(loaded(x), expected, atol=1e-6)
+
+
+def test_merge_and_delta_weight_ignore_dropout_in_training(registered):
+    model = _adapted(boft_dropout=0.5)
+    model.train()
+    layer = model.base_model.model.lin0
+    first, _ = layer.get_delta_weight("default")
+    second, _ = layer.get_delta_weight("default")
+    assert torch.equal(first, second)
+    before = layer.base_layer.weight.clone()
+    layer.merge()
+    layer.unmerge()
+    assert torch.allclose(layer.base_layer.weight, before, atol=1e-5)

@@ -116,7 +116,7 @@ class BoftLayerMixin(BOFTLayer):
         Applies ``boft_dropout`` in training, like PEFT's ``MultiplicativeDropoutLayer``.
         """
         dropout = self.boft_dropout[adapter_name]
-        p = dropout.p if self.training and isinstance(dropout, MultiplicativeDropoutLayer) else 0.0
+        p = dropout.p if isinstance(dropout, MultiplicativeDropoutLayer) and dropout.training else 0.0
         return rotation_blocks_from(self.boft_R[adapter_name], p)
 
     def scale_vector(self, adapter_name: str) -> Tensor:
@@ -128,7 +128,7 @@ class BoftLayerMixin(BOFTLayer):
 
         For inspection and PEFT helpers only: training, merge and export never build it.
         """
-        blocks = self.rotation_blocks(adapter_name)
+        blocks = rotation_blocks_from(self.boft_R[adapter_name])  # deterministic: no dropout, as in PEFT
         scale = self.boft_s[adapter_name]
         return torch.block_diag(*blocks), scale if scale.shape[1] == 1 else scale.transpose(0, 1)
 
