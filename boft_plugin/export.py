@@ -24,6 +24,16 @@ __all__ = ["export_adapter", "export_merged"]
 selecting_for_export: contextvars.ContextVar[bool] = contextvars.ContextVar("selecting_for_export", default=False)
 
 
+def _block_major_keys(peft_model) -> dict[str, tuple[BoftLayerMixin, str]]:
+    """State-dict keys of ``boft_R`` tensors stored block-major (FSDP2), with their layer and adapter."""
+    return {
+        f"{name}.boft_R.{adapter}": (module, adapter)
+        for name, module in peft_model.named_modules()
+        if isinstance(module, BoftLayerMixin)
+        for adapter in module.boft_block_major
+    }
+
+
 def _adapter_tensors(peft_model, adapter_name: str) -> dict[str, Tensor]:
     """{model state-dict key: parameter or buffer object} of what PEFT saves for ``adapter_name``."""
     from peft.utils import get_peft_model_state_dict
@@ -53,11 +63,15 @@ def export_adapter(
     """
     peft_model = unwrap_peft_model(model)
     names = list(peft_model.peft_config) if adapter_names is None else list(adapter_names)
+    block_major = _block_major_keys(peft_model)
     gathered: dict[str, Tensor] = {}
     for name in names:
         for key, tensor in sorted(_adapter_tensors(peft_model, name).items()):
             if key not in gathered:
                 value = full_tensor(tensor)
+                if key in block_major:
+                    layer, adapter = block_major[key]
+                    value = layer.to_peft_layout(adapter, value)
                 gathered[key] = value.to("cpu", copy=True) if rank() == 0 else value
     target = None
     if rank() == 0:
@@ -99,7 +113,7 @@ def _merged_weight(layer: BoftLayerMixin, weight: Tensor) -> Tensor:
     """Merge the layer's active, not-yet-merged adapters into a gathered base weight (every rank gathers)."""
     matrix = layer.weight_to_matrix(weight)
     for adapter in layer.active_boft_adapters():
-        boft_r = full_tensor(layer.boft_R[adapter])
+        boft_r = layer.to_peft_layout(adapter, full_tensor(layer.boft_R[adapter]))
         boft_s = full_tensor(layer.boft_s[adapter])
         if adapter not in layer.merged_adapters:
             matrix = merge_matrix(matrix, boft_r, boft_s)

@@ -51,11 +51,13 @@ class BoftLayerMixin(BOFTLayer):
     """Parameters and maths common to every layer type; see :class:`BoftLinear` and :class:`BoftConv2d`."""
 
     # `boft_geometry` is a plain dict (not a buffer): it survives meta-device init, `to_empty()` and ZeRO-3
-    # partitioning, where the parameter shapes do not tell the geometry.
-    other_param_names = ("boft_block_size", "boft_block_num", "boft_dropout", "boft_geometry")
+    # partitioning, where the parameter shapes do not tell the geometry. `boft_block_major` marks adapters whose
+    # boft_R is stored transposed as (N, m, b, b) so that FSDP2 can shard the block axis as its dim 0.
+    other_param_names = ("boft_block_size", "boft_block_num", "boft_dropout", "boft_geometry", "boft_block_major")
 
     def _init_boft_state(self) -> None:
         self.boft_geometry: dict[str, Geometry] = {}
+        self.boft_block_major: dict[str, bool] = {}
 
     # -- subclass hooks ---------------------------------------------------------------------------------------
     def rotated_width(self) -> int:
@@ -110,6 +112,27 @@ class BoftLayerMixin(BOFTLayer):
         """Active adapters that live on this layer, in PEFT's order."""
         return [name for name in self.active_adapters if name in self.boft_R]
 
+    def boft_r(self, adapter_name: str) -> Tensor:
+        """``boft_R`` of ``adapter_name`` in PEFT's ``(m, N, b, b)`` layout (a view if stored block-major)."""
+        weight = self.boft_R[adapter_name]
+        return weight.transpose(0, 1) if self.boft_block_major.get(adapter_name) else weight
+
+    def to_peft_layout(self, adapter_name: str, full: Tensor) -> Tensor:
+        """A gathered full ``boft_R`` of ``adapter_name`` in PEFT's ``(m, N, b, b)`` layout."""
+        return full.transpose(0, 1).contiguous() if self.boft_block_major.get(adapter_name) else full
+
+    @torch.no_grad()
+    def store_block_major(self, adapter_name: str) -> None:
+        """Store ``boft_R`` as ``(N, m, b, b)``: the block axis first, for sharding on dim 0 (FSDP2).
+
+        The checkpoint layout does not change: every export transposes back to PEFT's ``(m, N, b, b)``.
+        """
+        if self.boft_block_major.get(adapter_name):
+            return
+        old = self.boft_R[adapter_name]
+        self.boft_R[adapter_name] = nn.Parameter(old.transpose(0, 1).contiguous(), requires_grad=old.requires_grad)
+        self.boft_block_major[adapter_name] = True
+
     def rotation_blocks(self, adapter_name: str) -> Tensor:
         """Effective blocks ``(K, Be, Be)`` of adapter ``adapter_name``'s rotation, float32 (float64 stays).
 
@@ -117,7 +140,7 @@ class BoftLayerMixin(BOFTLayer):
         """
         dropout = self.boft_dropout[adapter_name]
         p = dropout.p if isinstance(dropout, MultiplicativeDropoutLayer) and dropout.training else 0.0
-        return rotation_blocks_from(self.boft_R[adapter_name], p)
+        return rotation_blocks_from(self.boft_r(adapter_name), p)
 
     def scale_vector(self, adapter_name: str) -> Tensor:
         """``boft_s`` of ``adapter_name`` as an ``(out,)`` vector."""
@@ -128,15 +151,15 @@ class BoftLayerMixin(BOFTLayer):
 
         For inspection and PEFT helpers only: training, merge and export never build it.
         """
-        blocks = rotation_blocks_from(self.boft_R[adapter_name])  # deterministic: no dropout, as in PEFT
+        blocks = rotation_blocks_from(self.boft_r(adapter_name))  # deterministic: no dropout, as in PEFT
         scale = self.boft_s[adapter_name]
         return torch.block_diag(*blocks), scale if scale.shape[1] == 1 else scale.transpose(0, 1)
 
     def _merged_matrix(self, matrix: Tensor, adapter_name: str) -> Tensor:
-        return merge_matrix(matrix, self.boft_R[adapter_name], self.boft_s[adapter_name])
+        return merge_matrix(matrix, self.boft_r(adapter_name), self.boft_s[adapter_name])
 
     def _unmerged_matrix(self, matrix: Tensor, adapter_name: str) -> Tensor:
-        return merge_matrix(matrix, self.boft_R[adapter_name], self.boft_s[adapter_name], inverse=True)
+        return merge_matrix(matrix, self.boft_r(adapter_name), self.boft_s[adapter_name], inverse=True)
 
     # -- merge / unmerge (PEFT's API) -------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

@@ -151,6 +151,14 @@ class BoftModel(BOFTModel):
 
     def _prepare_model(self, peft_config, model: nn.Module) -> None:
         # PEFT calls this after resolving the config and before replacing any module.
+        from ..distributed.fsdp import ShardingOrderError, is_fsdp2_sharded
+
+        if is_fsdp2_sharded(model):
+            raise ShardingOrderError(
+                "cannot add a BOFT adapter to a model already sharded with FSDP2 (fully_shard): the new adapter "
+                "parameters would not be managed by FSDP and would drift apart across ranks without any error. "
+                "Add the adapter first, then shard with boft_plugin.distributed.fsdp.shard_for_fsdp2(model)."
+            )
         check_targets(model, peft_config, adapter_name=getattr(self, "_adapter_being_injected", "default"))
 
     def _create_and_replace(self, boft_config, adapter_name, target, target_name, parent, current_key, **kwargs):

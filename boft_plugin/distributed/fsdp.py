@@ -1,0 +1,116 @@
+"""FSDP2 for BOFT-adapted models: block-axis placements and the right order of operations.
+
+FSDP2's default ``Shard(0)`` would split ``boft_R`` ``(m, N, b, b)`` along its tiny factor axis (with m = 1 one
+rank holds everything), and FSDP2 refuses uneven sharding on any other dim. :func:`shard_for_fsdp2` therefore
+stores each ``boft_R`` block-major, ``(N, m, b, b)``, and shards that dim 0: every rank owns whole ``b x b``
+blocks (block ``j`` of every factor together), ``ceil(N / W)`` of them or fewer on the last ranks, for any block
+count and world size, and only their optimizer state. Exports transpose back to PEFT's layout.
+It also refuses the two orderings that train silently wrong (DESIGN.md section 5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..tuner.layer import BoftLayerMixin
+
+__all__ = ["ShardingOrderError", "boft_layers", "reset_adapter_parameters", "shard_for_fsdp2"]
+
+
+class ShardingOrderError(RuntimeError):
+    """Sharding and adapter creation happened in an order that would train wrong; nothing was changed."""
+
+
+def boft_layers(model: nn.Module) -> list[BoftLayerMixin]:
+    return [m for m in model.modules() if isinstance(m, BoftLayerMixin)]
+
+
+def is_fsdp2_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _block_modules(model: nn.Module, block_classes: Iterable[str] | None) -> list[nn.Module]:
+    """Transformer blocks to shard one by one (transformers' ``_no_split_modules`` by default)."""
+    if block_classes is None:
+        names: set[str] = set()
+        for module in model.modules():
+            names.update(getattr(module, "_no_split_modules", None) or [])
+    else:
+        names = set(block_classes)
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def shard_for_fsdp2(
+    model: nn.Module,
+    mesh=None,
+    *,
+    reshard_after_forward: bool = True,
+    mp_policy=None,
+    offload_policy=None,
+    block_classes: Iterable[str] | None = None,
+) -> nn.Module:
+    """Apply ``fully_shard`` to each transformer block and to the root of a BOFT-adapted model, in place.
+
+    ``boft_R`` is stored block-major and sharded on its block axis (whole blocks per rank); every parameter is
+    ``Shard(0)``, as FSDP2 supports uneven shards only there.
+    Call it after the adapter was added (``get_peft_model`` / ``PeftModel.from_pretrained``) and before the
+    optimizer is built.
+
+    Args:
+        model: the ``PeftModel`` (or a module containing our BOFT layers).
+        mesh: a 1-D device mesh (default: FSDP2's, over the default process group).
+        block_classes: class names of the blocks to shard separately (default: ``_no_split_modules``).
+
+    Returns:
+        ``model`` (now an ``FSDPModule``).
+
+    Raises:
+        ShardingOrderError: the model has no BOFT adapter yet, or is already sharded.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    if is_fsdp2_sharded(model):
+        raise ShardingOrderError(
+            "the model is already sharded with FSDP2 (fully_shard was applied before); shard_for_fsdp2 must be the "
+            "only sharding step, applied once, after the BOFT adapter was added"
+        )
+    layers = boft_layers(model)
+    if not layers:
+        raise ShardingOrderError(
+            "no BOFT adapter found: add it first (boft_plugin.register(); peft.get_peft_model(...)), then shard. "
+            "Adapters added after fully_shard are not managed by FSDP and drift apart across ranks"
+        )
+    for layer in layers:
+        for adapter in list(layer.boft_R):
+            layer.store_block_major(adapter)
+
+    kwargs = dict(
+        mesh=mesh,
+        reshard_after_forward=reshard_after_forward,
+        mp_policy=mp_policy or MixedPrecisionPolicy(),
+        offload_policy=offload_policy or OffloadPolicy(),
+    )
+    for block in _block_modules(model, block_classes):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+@torch.no_grad()
+def reset_adapter_parameters(model: nn.Module) -> None:
+    """Re-initialise every BOFT adapter as its config says (after meta-device init and ``to_empty()``).
+
+    ``init_weights=True`` gives the identity rotation (``boft_R = 0``, ``boft_s = 1``), exactly as on one process;
+    ``init_weights=False`` draws random values shard by shard. The geometry lives in plain attributes, so nothing
+    else needs restoring after ``to_empty()``.
+    """
+    configs = getattr(model, "peft_config", None) or {}
+    for layer in boft_layers(model):
+        for name in layer.boft_R:
+            init_weights = getattr(configs.get(name), "init_weights", True)
+            layer.reset_boft_parameters(name, init_weights)

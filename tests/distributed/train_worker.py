@@ -1,0 +1,193 @@
+"""One rank of a distributed parity run: train a tiny BOFT Llama a few steps, export, record.
+
+Launched by tests through ``torch.distributed.run`` (or run plainly with ``--engine single`` for the
+one-process reference). Every engine sees the same global batch: rank r takes rows ``r*G/W .. (r+1)*G/W``.
+
+    python -m torch.distributed.run --nproc_per_node 2 train_worker.py --engine zero3 --base DIR --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+ENGINES = ("single", "ddp", "zero2", "zero3", "zero3_init", "fsdp2", "fsdp2_meta")
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--engine", choices=ENGINES, required=True)
+    parser.add_argument("--base", required=True, help="directory of the saved base model")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--factors", default="2,4")
+    parser.add_argument("--block-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--global-batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-2)
+    parser.add_argument("--init", choices=("random", "identity"), default="random")
+    return parser.parse_args()
+
+
+def ds_config(stage: int, global_batch: int, world: int) -> dict:
+    return {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": global_batch // world,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+        "fp16": {"enabled": False},
+        "bf16": {"enabled": False},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def materialize_from_meta(model, base_dir: str) -> None:
+    """The FSDP2 meta-device recipe: allocate shards, load the base weights, re-initialise the adapter."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from boft_plugin.distributed.fsdp import reset_adapter_parameters
+
+    model.to_empty(device="cpu")
+    plain = load_file(f"{base_dir}/model.safetensors")
+    model_keys = model.state_dict().keys()
+    to_plain = {k: k.removeprefix("base_model.model.").replace(".base_layer.", ".") for k in model_keys}
+    full = {k: plain[p] for k, p in to_plain.items() if p in plain}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+    reset_adapter_parameters(model)
+    with torch.no_grad():  # non-persistent buffers are garbage after to_empty(): the model's own, not BOFT's
+        for module in model.modules():
+            if hasattr(module, "compute_default_rope_parameters") and hasattr(module, "inv_freq"):
+                inv_freq, _ = module.compute_default_rope_parameters(module.config)
+                module.inv_freq.copy_(inv_freq)
+                module.original_inv_freq.copy_(inv_freq)
+
+
+def main() -> None:
+    args = parse()
+    from peft import BOFTConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import boft_plugin
+    from boft_plugin.distributed.fsdp import shard_for_fsdp2
+    from boft_plugin.distributed.report import adapter_shards
+
+    distributed = args.engine != "single"
+    if args.engine.startswith("zero"):
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    elif distributed:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    boft_plugin.register()
+
+    for factors in [int(f) for f in args.factors.split(",")]:
+        out = Path(args.out) / f"m{factors}"
+        keep_alive = None
+        if args.engine == "zero3_init":
+            from transformers.integrations import HfDeepSpeedConfig
+
+            config = ds_config(3, args.global_batch, world)
+            keep_alive = HfDeepSpeedConfig(config)  # must outlive from_pretrained: it turns on zero.Init
+        if args.engine == "fsdp2_meta":
+            from transformers import AutoConfig
+
+            with torch.device("meta"):
+                base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.base), dtype=torch.float32)
+        else:
+            base = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+        torch.manual_seed(100 + factors)
+        peft_config = BOFTConfig(
+            target_modules="all-linear",
+            boft_block_size=args.block_size,
+            boft_n_butterfly_factor=factors,
+            init_weights=args.init == "identity",
+        )
+        model = get_peft_model(base, peft_config)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=args.lr)
+        engine = None
+        if args.engine in ("zero2", "zero3", "zero3_init"):
+            import deepspeed
+
+            stage = 2 if args.engine == "zero2" else 3
+            engine, optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=ds_config(stage, args.global_batch, world)
+            )
+            runner = engine
+        elif args.engine == "ddp":
+            runner = torch.nn.parallel.DistributedDataParallel(model)
+        elif args.engine in ("fsdp2", "fsdp2_meta"):
+            runner = shard_for_fsdp2(model)
+            if args.engine == "fsdp2_meta":
+                materialize_from_meta(model, args.base)
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+        else:
+            runner = model
+
+        ids = torch.randint(
+            0, base.config.vocab_size, (args.global_batch, args.seq), generator=torch.Generator().manual_seed(7)
+        )
+        per_rank = args.global_batch // world
+        local = ids[rank * per_rank : (rank + 1) * per_rank]
+        losses = []
+        runner.train()
+        for _ in range(args.steps):
+            loss = runner(input_ids=local, labels=local).loss
+            if engine is not None:
+                engine.backward(loss)
+                engine.step()
+            else:
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            value = loss.detach().clone()
+            if distributed:
+                dist.all_reduce(value)
+            losses.append(value.item() / world)
+
+        plain_save = None
+        if args.engine != "single":
+            # Right after training (shards not gathered): PEFT's own save_pretrained must refuse under ZeRO-3/FSDP2.
+            try:
+                model.save_pretrained(str(out / f"plain_save_rank{rank}"))
+                plain_save = "written"
+            except boft_plugin.BoftSaveError:
+                plain_save = "refused"
+        runner.eval()
+        probe = torch.randint(0, base.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(11))
+        with torch.no_grad():
+            logits = runner(input_ids=probe).logits
+        shards = [row.as_dict() for row in adapter_shards(model)]
+        boft_plugin.export_adapter(runner, out / "adapter")
+        boft_plugin.export_merged(runner, out / "merged")
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+        (out / "shards" / f"rank{rank}.json").write_text(json.dumps(shards))
+        if rank == 0:
+            torch.save({"probe": probe, "logits": logits.float()}, out / "logits.pt")
+            result = {
+                "engine": args.engine,
+                "world": world,
+                "factors": factors,
+                "losses": losses,
+                "plain_save": plain_save,
+            }
+            (out / "result.json").write_text(json.dumps(result))
+        del keep_alive
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
