@@ -59,6 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-sizes", type=int, nargs="+", help="BOFT/OFT block sizes (default 8 16 32; quick 8 16)")
     p.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4], help="butterfly factors m")
     p.add_argument("--model-block-size", type=int, default=8, help="b of the whole-model level")
+    p.add_argument(
+        "--metric",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="time in the tables and ratios: wall (default) or process CPU time (robust on a shared machine "
+        "with --threads 1)",
+    )
     p.add_argument("--warmup", type=int, help="discarded steps per method (default 2; quick 1)")
     p.add_argument("--repeats", type=int, help="timed steps per method (default 5; quick 3)")
     p.add_argument(
@@ -89,13 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     threads = set_threads(args.threads)
     gflops = calibrate_gflops(device)
     estimator = StockEstimator(gflops)
-    opts = RunOptions(device, args.warmup, args.repeats, args.stock_budget_s)
+    metric = "cpu_median_ms" if args.metric == "cpu" else "median_ms"
+    opts = RunOptions(device, args.warmup, args.repeats, args.stock_budget_s, metric)
     meta = environment_info(device, threads) | {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else " ".join(argv),
         "quick": args.quick,
         "warmup": args.warmup,
         "repeats": args.repeats,
         "stock_budget_s": args.stock_budget_s,
+        "metric": metric,
         "calibrated_matmul_gflops": round(gflops, 1),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -129,30 +138,41 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(results: dict, cuda: bool) -> str:
     meta = results["meta"]
-    unit = "CUDA events, bf16" if cuda else "perf_counter, float32"
+    if meta["metric"] == "cpu_median_ms":
+        unit = "process CPU time of all threads, time.process_time"
+    else:
+        unit = "CUDA events" if cuda else "time.perf_counter"
     out = [
-        f"# BOFT benchmark ({meta['device']}, {meta['threads']} threads, torch {meta['torch']}, peft {meta['peft']})",
+        f"# BOFT benchmark ({meta['device']}, {meta['dtype']}, {meta['threads']} threads, torch {meta['torch']}, "
+        f"peft {meta['peft']})",
         "",
-        f"Median of {meta['repeats']} steps after {meta['warmup']} warm-up ({unit}). × columns: step time over the "
-        "frozen base, over LoRA with matched trainable parameters, over stock PEFT BOFT with the same m. "
-        "Peak ΔRSS: process peak RSS during one step minus RSS before it. Saved act.: bytes autograd saved in "
-        "the forward (parameters excluded; layer level also excludes the layer input). Repeats are interleaved "
-        "across the methods of a case; other procs CPU: share of the machine's CPU used by other processes "
-        "during a row's timed steps (high values mean the row's time is inflated by contention).",
+        f"Median of {meta['repeats']} steps after {meta['warmup']} warm-up ({unit}), repeats interleaved across "
+        "the methods of a case. × columns: time over the frozen base, over LoRA with matched trainable parameters, "
+        "over stock PEFT BOFT with the same m. Peak ΔRSS: process peak RSS during one step minus RSS before it. "
+        "Saved act.: bytes autograd saved in the forward (parameters excluded; the layer level also excludes the "
+        "layer input). Other procs CPU: share of the machine's CPU used by other processes during a row's timed "
+        "steps (high values: the row's time is inflated by contention).",
     ]
-    load = meta.get("loadavg_at_start")
-    if load and load[0] > 0.5:
+    shares = [
+        row["other_cpu_share"]
+        for level in ("layer", "model")
+        for case in results[level]
+        for row in case["rows"]
+        if row.get("other_cpu_share") is not None
+    ]
+    if shares and sorted(shares)[len(shares) // 2] > 0.1:
         out += [
             "",
-            f"**Warning:** the machine was busy when the run started (1-min load average {load[0]:.2f} on "
-            f"{meta['cores_available']} cores); times of other processes' work leak into these numbers.",
+            f"**Warning:** other processes used a median {sorted(shares)[len(shares) // 2]:.0%} of the machine's CPU "
+            f"during the timed steps (load average {meta.get('loadavg_at_start')} at start): wall times are "
+            "inflated and noisy, small multi-op steps most of all.",
         ]
     for level, heading in (("layer", "Per adapted layer (forward + backward)"), ("model", "Whole model")):
         if not results[level]:
             continue
         out += ["", f"## {heading}"]
         for case in results[level]:
-            out += ["", f"### {case['title']}", "", case_table(case["rows"], cuda, saved_delta=level == "model")]
+            out += ["", f"### {case['title']}", "", case_table(case["rows"], cuda, level == "model", meta["metric"])]
     return "\n".join(out)
 
 

@@ -2,7 +2,8 @@
 
 The timed repeats are interleaved (round-robin over the methods), so that a burst of load from other processes
 spreads over all methods instead of spoiling one row; the share of the machine's CPU that other processes used
-during each method's timed steps is recorded (``other_cpu_share``; CPU only).
+during each method's timed steps is recorded (``other_cpu_share``), and so is the process CPU time per step
+(``cpu_median_ms``: with ``--threads 1`` a contention-robust measure of the work done).
 
 A stock-PEFT method is skipped when its estimated time (base step plus the dense extra FLOPs at the calibrated
 matmul rate, corrected by the measured/estimated ratio of earlier stock rows) times its number of steps exceeds
@@ -12,6 +13,7 @@ the budget; the estimate is taken after the base's warm-up and after the cheaper
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 import traceback
 from collections.abc import Callable
@@ -45,6 +47,7 @@ class RunOptions:
     warmup: int
     repeats: int
     stock_budget_s: float  # skip a stock-PEFT row whose estimated (warm-up + repeats + memory step) time is above
+    metric: str = "median_ms"  # what the tables and ratios use: "median_ms" (wall) or "cpu_median_ms"
 
 
 def _check_backend(method: Method, model: nn.Module, m_actual: int | None) -> None:
@@ -64,6 +67,7 @@ class _Entry:
     row: dict
     workload: Workload | None = None
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)  # process CPU time (all threads) per timed step, ms
     cpu: CpuShare = field(default_factory=CpuShare)
     raw_estimate_s: float | None = None
 
@@ -76,7 +80,6 @@ class _Entry:
         self.row["note"] = f"error: {type(err).__name__}: {err}".splitlines()[0][:200]
         self.workload = None
         log(traceback.format_exc())
-        log(f"    {self.method.label:<34} {self.row['note']}")
 
 
 def _prepare(entry: _Entry, build: Callable[[Method], Workload], opts: RunOptions) -> float | None:
@@ -136,7 +139,6 @@ def run_case(
             if est * n_steps > opts.stock_budget_s:
                 entry.row["status"] = "skipped"
                 entry.row["note"] = f"skipped (too slow: est. {est:,.1f} s/step)"
-                log(f"    {method.label:<34} {entry.row['note']}")
                 continue
         last = _prepare(entry, build, opts)
         if last is None:
@@ -153,18 +155,22 @@ def run_case(
                 continue
             try:
                 with entry.method.context(), entry.cpu:
+                    cpu0 = time.process_time()
                     entry.times.append(time_step_ms(entry.workload.step, opts.device))
+                    entry.cpu_times.append((time.process_time() - cpu0) * 1e3)
             except Exception as err:
                 entry.fail(err)
 
     # 3. one untimed step each for memory; then release everything.
     for entry in entries:
         if not entry.live:
+            log(f"    {entry.method.label:<34} {entry.row['note']}")
             continue
         try:
             with entry.method.context():
                 w = entry.workload
                 entry.row |= summarize_ms(entry.times)
+                entry.row["cpu_median_ms"] = round(statistics.median(entry.cpu_times), 3)
                 entry.row |= measure_memory(w.forward, w.finish, w.reset, opts.device, w.exclude)
             entry.row["other_cpu_share"] = entry.cpu.share
             entry.row["status"] = "ok"

@@ -98,5 +98,5 @@ def run_layer_case(case: LayerCase, factors: list[int], opts: RunOptions, estima
                 {**case.fields(), "method": method.key, "label": method.label, "kind": kind, "m": m}
                 | {"status": "skipped", "note": note}
             )
-    add_ratios(rows, lora_by_m)
+    add_ratios(rows, lora_by_m, opts.metric)
     return {"case": case.fields(), "title": case.title, "rows": rows, "lora_by_m": lora_by_m}

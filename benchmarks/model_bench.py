@@ -125,5 +125,5 @@ def run_model_case(case: ModelCase, factors: list[int], opts: RunOptions, estima
                 {**case.fields(), "method": method.key, "label": method.label, "kind": kind, "m": m}
                 | {"status": "skipped", "note": "skipped (a layer width is not divisible by b·2^(m-1))"}
             )
-    add_ratios(rows, lora_by_m)
+    add_ratios(rows, lora_by_m, opts.metric)
     return {"case": case.fields(), "title": case.title, "rows": rows, "lora_by_m": lora_by_m}

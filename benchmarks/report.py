@@ -7,21 +7,22 @@ from .common import fmt_int, fmt_mib, fmt_ms, fmt_ratio, markdown_table
 _KIND_ORDER = {"base": 0, "lora": 1, "oft": 2, "ours": 3, "stock": 4}
 
 
-def add_ratios(rows: list[dict], lora_by_m: dict[int, str]) -> None:
+def add_ratios(rows: list[dict], lora_by_m: dict[int, str], metric: str = "median_ms") -> None:
     """Sort the rows (in place; base, LoRA, OFT, ours, stock, by m) and annotate each with its ratios.
 
-    ``lora_by_m[m]`` = key of the LoRA method matched to BOFT with m factors.
+    ``lora_by_m[m]`` = key of the LoRA method matched to BOFT with m factors; ``metric`` is the time compared
+    (``median_ms``: wall; ``cpu_median_ms``: process CPU time).
     """
     rows.sort(key=lambda row: (_KIND_ORDER[row["kind"]], row["m"], row.get("r", 0)))
     by_key = {row["method"]: row for row in rows}
 
     def median(key: str | None) -> float | None:
         row = by_key.get(key) if key else None
-        return row.get("median_ms") if row and row.get("status") == "ok" else None
+        return row.get(metric) if row and row.get("status") == "ok" else None
 
     base = median("base")
     for row in rows:
-        t = row.get("median_ms") if row.get("status") == "ok" else None
+        t = row.get(metric) if row.get("status") == "ok" else None
         kind, m = row["kind"], row["m"]
         lora_key = None
         if kind in ("ours", "stock"):
@@ -66,11 +67,12 @@ def _note(row: dict, by_key: dict[str, dict]) -> str:
     return "; ".join(notes)
 
 
-def case_table(rows: list[dict], cuda: bool, saved_delta: bool = False) -> str:
+def case_table(rows: list[dict], cuda: bool, saved_delta: bool = False, metric: str = "median_ms") -> str:
     """One markdown table for the rows of one case (one layer shape / tokens / b, or the whole model)."""
     by_key = {row["method"]: row for row in rows}
     base_saved = by_key.get("base", {}).get("saved_bytes")
-    headers = ["method", "trainable params", "step ms (median)", "× base", "× LoRA", "× stock (same m)"]
+    time_header = "step ms (median)" if metric == "median_ms" else "CPU ms/step (median)"
+    headers = ["method", "trainable params", time_header, "× base", "× LoRA", "× stock (same m)"]
     headers += ["peak ΔRSS MiB", "saved act. MiB"]
     if saved_delta:
         headers.append("saved − base MiB")
@@ -85,7 +87,7 @@ def case_table(rows: list[dict], cuda: bool, saved_delta: bool = False) -> str:
         cells = [
             row["label"],
             fmt_int(row.get("trainable_params")),
-            fmt_ms(row.get("median_ms")) if ok else "—",
+            fmt_ms(row.get(metric)) if ok else "—",
             _fmt_ratio_value(row.get("ratio_base")),
             _fmt_ratio_value(row.get("ratio_lora")),
             _fmt_ratio_value(row.get("ratio_stock")),
