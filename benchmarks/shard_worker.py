@@ -1,0 +1,150 @@
+"""One rank of the sharding benchmark: what each rank stores of the adapter, and the step time, per engine.
+
+Launched by ``bench_sharding.py`` through ``torch.distributed.run`` (or plainly for ``--engine single``).
+Each rank writes ``<out>/rank<r>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--engine", choices=("single", "ddp", "zero2", "zero3", "fsdp2"), required=True)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--intermediate", type=int, default=1376)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--block-size", type=int, default=8)
+    parser.add_argument("--factors", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    from peft import BOFTConfig, get_peft_model
+
+    import boft_plugin
+    from boft_plugin.distributed.fsdp import shard_for_fsdp2
+    from boft_plugin.distributed.report import adapter_shards, optimizer_state_bytes
+    from boft_plugin.toy import tiny_llama
+
+    distributed = args.engine != "single"
+    if args.engine.startswith("zero"):
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    elif distributed:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    boft_plugin.register()
+    model = tiny_llama(
+        seed=0,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=1024,
+    )
+    config = BOFTConfig(
+        target_modules="all-linear", boft_block_size=args.block_size, boft_n_butterfly_factor=args.factors
+    )
+    model = get_peft_model(model, config)
+    total_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    engine = None
+    runner = model
+    if args.engine in ("zero2", "zero3"):
+        import deepspeed
+
+        ds = {
+            "train_micro_batch_size_per_gpu": args.micro_batch,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": 2 if args.engine == "zero2" else 3},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+        }
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+        runner = engine
+    elif args.engine == "ddp":
+        runner = torch.nn.parallel.DistributedDataParallel(model)
+    elif args.engine == "fsdp2":
+        runner = shard_for_fsdp2(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    ids = torch.randint(0, 1024, (args.micro_batch, args.seq), generator=torch.Generator().manual_seed(rank))
+    times = []
+    for step in range(args.steps + 1):
+        start = time.perf_counter()
+        loss = runner(input_ids=ids, labels=ids).loss
+        if engine is not None:
+            engine.backward(loss)
+            engine.step()
+        else:
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if distributed:
+            dist.barrier()
+        if step:  # the first step is warm-up
+            times.append(time.perf_counter() - start)
+
+    rows = adapter_shards(model)
+    local_r = sum(r.local_elements for r in rows)
+    local_params = local_r + _local_scale_elements(model)
+    result = {
+        "engine": args.engine,
+        "world": world,
+        "rank": rank,
+        "adapter_params_total": total_adapter,
+        "adapter_params_local": local_params,
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "master_bytes": _deepspeed_master_bytes(optimizer),
+        "whole_blocks": all(r.whole_blocks for r in rows),
+        "step_ms": 1000 * statistics.median(times),
+    }
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(result))
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _local_scale_elements(model) -> int:
+    """Elements of ``boft_s`` this rank stores."""
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for name, param in model.named_parameters():
+        if "boft_s" not in name:
+            continue
+        if isinstance(param, DTensor):
+            total += param.to_local().numel()
+        elif hasattr(param, "ds_tensor"):
+            total += param.ds_tensor.numel()
+        else:
+            total += param.numel()
+    return total
+
+
+def _deepspeed_master_bytes(optimizer) -> int:
+    """fp32 flat partitions DeepSpeed keeps besides the model parameters (0 for torch optimizers)."""
+    total = 0
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
+        for tensor in getattr(optimizer, attr, None) or []:
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+if __name__ == "__main__":
+    main()
