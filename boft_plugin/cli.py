@@ -1,0 +1,93 @@
+"""``boft-plugin`` command line (also ``python -m boft_plugin``).
+
+    boft-plugin sft --config recipe.yaml [--key value ...]   # TRL SFT with a BOFT adapter
+    boft-plugin dpo --config recipe.yaml [--key value ...]   # TRL DPO with a BOFT adapter
+    boft-plugin verify OUTPUT_DIR                            # reload exports with stock PEFT, compare logits
+    boft-plugin demo [--workdir DIR]                         # the main job (SFT then DPO on 2 gloo ranks)
+
+``sft`` / ``dpo`` run in the current process, which may be one rank of ``torch.distributed.run`` or
+``accelerate launch`` (e.g. ``accelerate launch --config_file integrations/accelerate/zero3.yaml -m boft_plugin sft
+--config examples/sft_recipe.yaml``). ``boft-plugin sft --help`` lists every key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _train(task: str, argv: list[str]) -> int:
+    from .recipes.errors import RecipeError
+    from .recipes.parsing import make_parser, parse_recipe
+
+    if any(flag in argv for flag in ("-h", "--help")):
+        make_parser(task).print_help()
+        return 0
+    try:
+        recipe = parse_recipe(task, argv)
+        from .recipes.train import run
+
+        run(recipe, end=True)
+    except RecipeError as err:
+        print(f"boft-plugin {task}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _verify(argv: list[str]) -> int:
+    from .recipes.verify import DEFAULT_TOLERANCE, check_report, verify_outputs
+
+    parser = argparse.ArgumentParser(prog="boft-plugin verify", description=_verify.__doc__)
+    parser.add_argument("output_dir", help="a run's output_dir (adapter files and probe_logits.pt)")
+    parser.add_argument("--base_model", default=None, help="base model (default: the adapter config's)")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="max relative logit error")
+    parser.add_argument("--merged", action=argparse.BooleanOptionalAction, default=None,
+                        help="also check <output_dir>/merged (default: when it exists)")  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    args = parser.parse_args(argv)
+    report = verify_outputs(args.output_dir, base_model=args.base_model, merged=args.merged)
+    problems = check_report(report, args.tolerance)
+    report["ok"] = not problems
+    report["problems"] = problems
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            print(f"{key}: {value}")
+    return 0 if not problems else 1
+
+
+_verify.__doc__ = "Reload a run's adapter with stock PEFT (and merged/ with transformers) in this process and compare."
+
+
+def _demo(argv: list[str]) -> int:
+    from .main_job import main as main_job
+
+    return main_job(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command in ("sft", "dpo"):
+        return _train(command, rest)
+    if command == "verify":
+        return _verify(rest)
+    if command == "demo":
+        return _demo(rest)
+    if command in ("-V", "--version"):
+        from . import __version__
+
+        print(__version__)
+        return 0
+    print(f"boft-plugin: unknown command {command!r}\n\n{__doc__.strip()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,123 @@
+"""What a recipe run writes at the end: the adapter, the merged model, probe logits and a JSON summary.
+
+All functions are collective where the model is sharded (every rank calls them); only global rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_config.json")
+MERGED_DIR = "merged"
+PROBE_FILE = "probe_logits.pt"
+SUMMARY_FILE = "boft_run_summary.json"
+_STAGING = ".boft-adapter-export"
+
+
+def export_adapter_files(model, output_dir: str | os.PathLike, adapter_names: list[str] | None = None) -> Path | None:
+    """``boft_plugin.export_adapter`` into ``output_dir`` without touching anything else there.
+
+    ``export_adapter`` replaces its target directory as a whole (atomically), which would delete the Trainer's
+    checkpoints, logs and ``merged/`` in an ``output_dir``; so it exports into a hidden subdirectory and rank 0
+    moves the files up, weights first and ``adapter_config.json`` last (each move is an atomic rename).
+    """
+    from .. import export_adapter
+    from ..distributed.gather import barrier, rank
+
+    output_dir = Path(output_dir)
+    staging = output_dir / _STAGING
+    export_adapter(model, staging, adapter_names=adapter_names)
+    if rank() == 0:
+        names = sorted(os.listdir(staging), key=lambda name: (name == "adapter_config.json", name))
+        for name in names:
+            source, target = staging / name, output_dir / name
+            if source.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            os.replace(source, target)
+        shutil.rmtree(staging, ignore_errors=True)
+    barrier()
+    return output_dir if rank() == 0 else None
+
+
+def export_merged_model(model, output_dir: str | os.PathLike, tokenizer=None) -> Path | None:
+    """``boft_plugin.export_merged`` to ``<output_dir>/merged`` (plus the tokenizer, so the folder is complete)."""
+    from .. import export_merged
+    from ..distributed.gather import barrier, rank
+
+    target = Path(output_dir) / MERGED_DIR
+    export_merged(model, target)
+    if rank() == 0 and tokenizer is not None:
+        tokenizer.save_pretrained(str(target))
+    barrier()
+    return target if rank() == 0 else None
+
+
+def write_probe(model, tokenizer, text: str, path: str | os.PathLike, device=None) -> Path | None:
+    """Run the trained model (eval mode, no grad, float32 logits) on ``text`` and save ids and logits.
+
+    Collective under ZeRO-3 / FSDP2 (the forward gathers parameters): every rank calls it.
+    """
+    import torch
+
+    from ..distributed.gather import barrier, rank, unwrap_peft_model
+
+    peft_model = unwrap_peft_model(model)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    if device is None:
+        device = next(iter(peft_model.parameters())).device
+    was_training = peft_model.training
+    peft_model.eval()
+    try:
+        with torch.no_grad():
+            logits = peft_model(input_ids=ids.to(device)).logits.float().cpu()
+    finally:
+        peft_model.train(was_training)
+    if rank() == 0:
+        torch.save({"text": text, "input_ids": ids, "logits": logits}, path)
+    barrier()
+    return Path(path) if rank() == 0 else None
+
+
+def _series(history: list[dict], key: str) -> list[list[float]]:
+    return [[entry["step"], float(entry[key])] for entry in history if key in entry]
+
+
+def summarize(task: str, trainer, files: dict[str, Any], extra: dict | None = None) -> dict:
+    """The run's summary (losses and DPO margins before/after, files written) from the Trainer's log history."""
+    history = list(trainer.state.log_history)
+    evals = [entry for entry in history if "eval_loss" in entry]
+    train_losses = _series(history, "loss")
+    summary: dict[str, Any] = {
+        "task": task,
+        "world_size": trainer.args.world_size,
+        "global_step": trainer.state.global_step,
+        "train_loss": train_losses,
+        "first_train_loss": train_losses[0][1] if train_losses else None,
+        "last_train_loss": train_losses[-1][1] if train_losses else None,
+        "eval_before": evals[0] if evals else None,
+        "eval_after": evals[-1] if len(evals) > 1 or (evals and not trainer.args.eval_on_start) else None,
+        "train_runtime": next((e["train_runtime"] for e in history if "train_runtime" in e), None),
+        "files": {k: str(v) for k, v in files.items() if v is not None},
+    }
+    if task == "dpo":
+        summary["train_margins"] = _series(history, "rewards/margins")
+        summary["eval_margins"] = _series(history, "eval_rewards/margins")
+    summary["log_history"] = history
+    summary.update(extra or {})
+    return summary
+
+
+def write_summary(summary: dict, output_dir: str | os.PathLike) -> Path | None:
+    from ..distributed.gather import rank
+
+    if rank() != 0:
+        return None
+    path = Path(output_dir) / SUMMARY_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,249 @@
+"""Recipe parsing: a YAML mapping plus command-line flags, through TRL's own ``TrlParser``.
+
+Every field of TRL's ``SFTConfig`` / ``DPOConfig`` (and so of ``transformers.TrainingArguments``), ``ModelConfig``,
+``ScriptArguments`` and ``DatasetMixtureConfig`` is a recipe key and a ``--flag`` exactly as in TRL's own
+``trl sft`` / ``trl dpo`` scripts, next to :class:`~boft_plugin.recipes.args.BoftArguments` and
+:class:`~boft_plugin.recipes.args.RecipeArguments`. Flags override the YAML (``TrlParser`` turns the YAML into
+argparse defaults). Differences from TRL's scripts, on purpose:
+
+- an unknown YAML key or flag is an error naming it (TRL's scripts pass ``fail_with_unknown_args=False`` and
+  drop unknown YAML keys silently);
+- ``ModelConfig``'s LoRA and quantisation keys are refused (this is a BOFT recipe; quantised layers are not
+  adapted by BOFT).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .args import BoftArguments, RecipeArguments
+from .errors import RecipeError
+
+TASKS = ("sft", "dpo")
+
+# ModelConfig keys that select LoRA or quantisation; a BOFT recipe refuses them when set to a non-default value.
+_REFUSED_MODEL_KEYS = {
+    "use_peft": "the BOFT adapter is always used; set boft_* keys",
+    "lora_r": "use boft_block_size / boft_block_num",
+    "lora_alpha": "BOFT has no alpha",
+    "lora_dropout": "use boft_dropout",
+    "lora_target_modules": "use boft_target_modules",
+    "lora_target_parameters": "BOFT adapts modules; use boft_target_modules",
+    "lora_modules_to_save": "use boft_modules_to_save",
+    "lora_task_type": "the task type is CAUSAL_LM",
+    "use_rslora": "a LoRA option",
+    "use_dora": "a LoRA option",
+    "load_in_8bit": "quantised layers are not adapted by BOFT",
+    "load_in_4bit": "quantised layers are not adapted by BOFT",
+}
+
+
+@dataclass
+class Recipe:
+    """A parsed recipe: the task and one instance of each argument dataclass."""
+
+    task: str
+    script: Any  # trl.ScriptArguments
+    training: Any  # trl.SFTConfig or trl.DPOConfig
+    model: Any  # trl.ModelConfig
+    mixture: Any  # trl.DatasetMixtureConfig
+    boft: BoftArguments
+    recipe: RecipeArguments
+    config_path: str | None = None
+    given: frozenset = frozenset()  # keys set by the YAML, the mapping or a flag (not defaults)
+
+
+def _dataclass_types(task: str) -> tuple[type, ...]:
+    from trl import DatasetMixtureConfig, DPOConfig, ModelConfig, ScriptArguments, SFTConfig
+
+    if task not in TASKS:
+        raise RecipeError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    training = SFTConfig if task == "sft" else DPOConfig
+    return (ScriptArguments, training, ModelConfig, DatasetMixtureConfig, BoftArguments, RecipeArguments)
+
+
+def make_parser(task: str, prog: str | None = None):
+    """TRL's ``TrlParser`` over the recipe's dataclasses for ``task`` ('sft' or 'dpo')."""
+    from trl import TrlParser
+
+    return TrlParser(_dataclass_types(task), prog=prog or f"boft-plugin {task}", allow_abbrev=False)
+
+
+def recipe_keys(task: str) -> set[str]:
+    """Every key a recipe for ``task`` accepts (YAML keys and ``--flags`` without dashes)."""
+    return {f.name for cls in _dataclass_types(task) for f in dataclasses.fields(cls) if f.init} | {"env"}
+
+
+def _unknown_key_error(keys: Sequence[str], task: str, where: str) -> RecipeError:
+    known = recipe_keys(task)
+    other = "dpo" if task == "sft" else "sft"
+    other_keys = recipe_keys(other) - known
+    lines = []
+    for key in keys:
+        line = f"'{key}'"
+        if key in other_keys:
+            line += f" (a {other.upper()} key: run `boft-plugin {other}`)"
+        else:
+            close = difflib.get_close_matches(key.replace("-", "_"), sorted(known), n=3)
+            if close:
+                line += f" (did you mean {', '.join(repr(c) for c in close)}?)"
+        lines.append(line)
+    return RecipeError(
+        f"unknown recipe key(s) in {where} for `boft-plugin {task}`: {'; '.join(lines)}. "
+        f"Run `boft-plugin {task} --help` for the accepted keys."
+    )
+
+
+def _load_yaml(path: str) -> dict:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise RecipeError(f"recipe file {path} does not exist")
+    with open(path) as handle:
+        try:
+            config = yaml.safe_load(handle)
+        except yaml.YAMLError as err:
+            raise RecipeError(f"recipe file {path} is not valid YAML: {err}") from err
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise RecipeError(f"recipe file {path} must hold a YAML mapping of keys to values")
+    return config
+
+
+def _check_keys(config: dict, task: str, path: str) -> None:
+    unknown = [str(key) for key in config if key not in recipe_keys(task)]
+    if unknown:
+        raise _unknown_key_error(unknown, task, f"{path}")
+    if "env" in config and not isinstance(config["env"], dict):
+        raise RecipeError(f"recipe key 'env' in {path}: must be a mapping of environment variables")
+    if "datasets" in config:
+        from trl.scripts.utils import DatasetConfig
+
+        allowed = {f.name for f in dataclasses.fields(DatasetConfig)}
+        entries = config["datasets"]
+        if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+            raise RecipeError(f"recipe key 'datasets' in {path}: must be a list of mappings (path, data_files, ...)")
+        for index, entry in enumerate(entries):
+            unknown = sorted(set(entry) - allowed)
+            if unknown or "path" not in entry:
+                problem = f"unknown key(s) {unknown}" if unknown else "missing 'path'"
+                raise RecipeError(
+                    f"recipe key 'datasets' entry {index} in {path}: {problem}; accepted keys: {sorted(allowed)}"
+                )
+
+
+def _check_model_keys(model_args) -> None:
+    from trl import ModelConfig
+
+    defaults = ModelConfig()
+    for key, why in _REFUSED_MODEL_KEYS.items():
+        if getattr(model_args, key) != getattr(defaults, key):
+            raise RecipeError(f"recipe key '{key}' is not supported by a BOFT recipe: {why}")
+
+
+def _given(key: str, merged: dict, args: Sequence[str]) -> bool:
+    flags = {f"--{key}", f"--{key.replace('_', '-')}", f"--no_{key}", f"--no-{key.replace('_', '-')}"}
+    return key in merged or any(a.split("=")[0] in flags for a in args)
+
+
+def cpu_launch_defaults(merged: dict, args: Sequence[str]) -> dict:
+    """Defaults that make a multi-process launch on a machine without GPUs really distributed.
+
+    transformers' ``TrainingArguments`` (under TRL's configs) does not distribute on the CPU by itself: every rank
+    of ``torch.distributed.run`` / ``accelerate launch`` (MULTI_GPU config) trains alone (world_size 1) unless
+    ``use_cpu`` is set, and under ``accelerate launch`` with DeepSpeed the ranks see world_size 1 unless
+    ``ddp_backend`` names gloo (DeepSpeed itself finds the CPU; ``use_cpu`` would switch DeepSpeed off, and bf16,
+    TRL's default, is refused on the CPU). Keys the recipe or the flags set are never changed.
+    """
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        world = 1
+    if world <= 1:
+        return {}
+    import torch
+
+    if torch.cuda.is_available():
+        return {}
+    accelerate_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    deepspeed = accelerate_deepspeed or _given("deepspeed", merged, args)
+    wanted = {"ddp_backend": "gloo", "bf16": False} if deepspeed else {"use_cpu": True}
+    return {key: value for key, value in wanted.items() if not _given(key, merged, args)}
+
+
+def _check_world_size(training) -> None:
+    try:
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        launched = 1
+    if launched > 1 and training.world_size != launched:
+        raise RecipeError(
+            f"launched as {launched} processes but the trainer sees world_size={training.world_size}: each rank "
+            "would train alone. On a machine without GPUs use 'use_cpu: true' (DDP over gloo), or DeepSpeed through "
+            "`accelerate launch` with integrations/accelerate/zero*.yaml and 'ddp_backend: gloo'."
+        )
+
+
+def parse_recipe(task: str, argv: Sequence[str] | None = None, config: dict | None = None) -> Recipe:
+    """Parse ``--config recipe.yaml`` and flags (``argv``) into a :class:`Recipe`; nothing is loaded.
+
+    Args:
+        task: 'sft' or 'dpo'.
+        argv: command-line arguments after the subcommand (may hold ``--config PATH``).
+        config: a recipe mapping given in Python instead of a YAML file (keys as in the YAML); flags in
+            ``argv`` override it too.
+
+    Raises:
+        RecipeError: unknown keys or flags, refused keys, invalid values, a missing recipe file.
+    """
+    args = list(argv or [])
+    merged: dict[str, Any] = dict(config or {})
+    config_path = None
+    if config:
+        _check_keys(merged, task, "the recipe mapping")
+    if "--config" in args:
+        index = args.index("--config")
+        if index + 1 >= len(args):
+            raise RecipeError("--config needs a path to a recipe YAML file")
+        config_path = args[index + 1]
+        del args[index : index + 2]
+        from_file = _load_yaml(config_path)
+        _check_keys(from_file, task, config_path)
+        merged.update(from_file)
+
+    parser = make_parser(task)
+    env = merged.pop("env", None) or {}
+    for key, value in env.items():
+        os.environ[str(key)] = str(value)
+    given = set(merged) | {a.split("=")[0].lstrip("-").replace("-", "_") for a in args if a.startswith("--")}
+    given |= {key[3:] for key in given if key.startswith("no_")}
+    merged.update(cpu_launch_defaults(merged, args))
+    if merged:
+        leftover = parser.set_defaults_with_config(**merged)
+        if leftover:  # unreachable after _check_keys, kept as TRL's own guard
+            raise _unknown_key_error(leftover[::2], task, config_path or "the recipe mapping")
+    try:
+        *parsed, remaining = parser.parse_args_into_dataclasses(
+            args=args, return_remaining_strings=True, look_for_args_file=False
+        )
+    except RecipeError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"invalid recipe for `boft-plugin {task}`: {err}") from err
+    if remaining:
+        flags = [item.lstrip("-").split("=")[0] for item in remaining if item.startswith("--")]
+        if flags:
+            raise _unknown_key_error(flags, task, "the command line")
+        raise RecipeError(f"unexpected command-line argument(s): {' '.join(remaining)}")
+    script, training, model, mixture, boft, recipe_args = parsed
+    _check_model_keys(model)
+    _check_world_size(training)
+    return Recipe(
+        task, script, training, model, mixture, boft, recipe_args, config_path=config_path, given=frozenset(given)
+    )

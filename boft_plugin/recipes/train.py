@@ -1,0 +1,252 @@
+"""Train a recipe: checks without weights, build, TRL's SFT/DPO trainer, then export on every rank.
+
+``run(recipe)`` is what ``boft-plugin sft|dpo`` calls on each rank (under ``torch.distributed.run``, ``accelerate
+launch`` with any of ``integrations/accelerate/*.yaml``, or one process).
+
+DPO and its reference model (TRL 1.16):
+
+- fresh adapter (the recipe's ``boft_*`` keys): the BOFT config goes to ``DPOTrainer(peft_config=...)``; TRL wraps
+  the model and computes the reference with the adapter disabled: no second model, no second adapter;
+- ``init_adapter`` (e.g. an SFT run's output): the adapter is loaded trainable and DPO continues training it. TRL,
+  given a ``PeftModel``, adds a frozen ``ref`` adapter and means it to be a copy of ``default``, but it copies only
+  parameters whose name contains ``.default.``; BOFT's are named ``...boft_R.default``, so the ``ref`` adapter
+  would silently stay at its identity init (the reference would be the base model, not the SFT model).
+  :func:`sync_reference_adapter` copies every ``default`` adapter tensor into ``ref`` and checks it, so the
+  reference is the SFT policy as loaded. The cost is one frozen adapter copy (no optimizer state), not a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .builder import (
+    adapter_peft_config,
+    build,
+    check_geometry,
+    check_tokenizer,
+    load_tokenizer,
+    model_config_of,
+    model_source,
+)
+from .data import is_conversational_dataset, load_recipe_data
+from .errors import RecipeError
+from .outputs import (
+    PROBE_FILE,
+    export_adapter_files,
+    export_merged_model,
+    summarize,
+    write_probe,
+    write_summary,
+)
+
+REFERENCE_ADAPTER = "ref"
+
+
+@dataclass
+class Prepared:
+    """Everything checked before any weights are loaded."""
+
+    train_dataset: Any
+    eval_dataset: Any
+    tokenizer: Any
+    model_config: Any
+    peft_config: Any
+    adapted_modules: int
+
+
+def prepare(recipe, train_dataset=None, eval_dataset=None) -> Prepared:
+    """Check the data, tokenizer, model config and BOFT geometry (meta device): raise :class:`RecipeError` early."""
+    train, evaluation = load_recipe_data(recipe, train_dataset, eval_dataset)
+    source = model_source(recipe)
+    model_config = model_config_of(recipe, source)
+    peft_config = adapter_peft_config(recipe)
+    adapted = check_geometry(model_config, peft_config)
+    tokenizer = load_tokenizer(recipe, source)
+    check_tokenizer(tokenizer, model_config, is_conversational_dataset(train), recipe)
+    return Prepared(train, evaluation, tokenizer, model_config, peft_config, adapted)
+
+
+def sync_reference_adapter(model, adapter: str = "default", reference: str = REFERENCE_ADAPTER) -> int:
+    """Make TRL's frozen ``ref`` adapter an exact copy of ``adapter``; return the number of tensors copied.
+
+    No-op (0) when the model has no ``ref`` adapter. Raises ``RuntimeError`` if a tensor has no counterpart.
+    """
+    import torch
+
+    from ..distributed.gather import unwrap_peft_model
+
+    peft_model = unwrap_peft_model(model)
+    if reference not in peft_model.peft_config:
+        return 0
+    params = dict(peft_model.named_parameters())
+    copied = 0
+    with torch.no_grad():
+        for name, param in params.items():
+            parts = name.split(".")
+            if adapter not in parts:
+                continue
+            ref_name = ".".join(reference if part == adapter else part for part in parts)
+            if ref_name not in params:
+                raise RuntimeError(f"reference adapter has no tensor {ref_name} for {name}")
+            params[ref_name].copy_(param)
+            params[ref_name].requires_grad_(False)
+            copied += 1
+    if copied == 0:
+        raise RuntimeError(f"no '{adapter}' adapter tensors found to copy into '{reference}'")
+    return copied
+
+
+@contextlib.contextmanager
+def _reference_adapter_synced(model):
+    """While TRL's ``DPOTrainer`` is built, copy ``default`` into ``ref`` right after TRL adds ``ref``.
+
+    TRL may use the reference in its constructor (``precompute_ref_log_probs``, which also hands the model to a
+    DeepSpeed engine), so syncing after construction would be too late.
+    """
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        yield
+        return
+    original = model.add_adapter
+
+    def add_adapter(adapter_name, peft_config, *args, **kwargs):
+        result = original(adapter_name, peft_config, *args, **kwargs)
+        if adapter_name == REFERENCE_ADAPTER:
+            sync_reference_adapter(model, reference=adapter_name)
+        return result
+
+    model.add_adapter = add_adapter
+    try:
+        yield
+    finally:
+        del model.add_adapter
+
+
+def _dpo_defaults(recipe) -> None:
+    """Under ZeRO-3, DPO from an ``init_adapter`` precomputes the reference log-probs unless the recipe says.
+
+    Switching between the ``default`` and ``ref`` adapters inside a step changes which parameters each module
+    fetches, which DeepSpeed ZeRO-3's prefetch trace rejects once evaluation interleaves with training ("tracing
+    error ... expected the next parameters"); precomputed reference log-probs avoid the switch.
+    """
+    from .builder import is_zero3
+
+    training = recipe.training
+    if recipe.recipe.init_adapter and is_zero3(training) and "precompute_ref_log_probs" not in recipe.given:
+        training.precompute_ref_log_probs = True
+        from ..distributed.gather import rank
+
+        if rank() == 0:
+            print("boft-plugin dpo: ZeRO-3 with init_adapter: precompute_ref_log_probs=true (see docs/trl.md)")
+
+
+def make_trainer(recipe, built, train_dataset, eval_dataset):
+    """TRL's ``SFTTrainer`` / ``DPOTrainer`` for ``built`` (see :func:`boft_plugin.recipes.builder.build`)."""
+    common = dict(
+        model=built.model,
+        args=recipe.training,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=built.tokenizer,
+        peft_config=built.peft_config,
+    )
+    if recipe.task == "sft":
+        from trl import SFTTrainer
+
+        return SFTTrainer(**common)
+    from trl import DPOTrainer
+
+    _dpo_defaults(recipe)
+    with _reference_adapter_synced(built.model):
+        trainer = DPOTrainer(**common)
+    if recipe.script.ignore_bias_buffers:  # as TRL's dpo.py
+        import torch
+
+        trainer.model._ddp_params_and_buffers_to_ignore = [
+            name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
+        ]
+    return trainer
+
+
+def _resume_arg(value):
+    if isinstance(value, str) and value.lower() in ("true", "last", "latest"):
+        return True
+    return value or None
+
+
+@dataclass
+class RunResult:
+    trainer: Any
+    summary: dict
+    output_dir: str
+
+
+def run(recipe, train_dataset=None, eval_dataset=None, end: bool = False) -> RunResult:
+    """Check, build, train and export one recipe on this rank (every rank calls it).
+
+    Args:
+        recipe: a parsed :class:`~boft_plugin.recipes.parsing.Recipe`.
+        train_dataset / eval_dataset: in-memory datasets instead of the recipe's data keys.
+        end: call ``trainer.end()`` at the end (trackers closed, process group destroyed), as TRL's scripts do.
+    """
+    started = time.time()
+    prepared = prepare(recipe, train_dataset, eval_dataset)
+    built = build(recipe, tokenizer=prepared.tokenizer)
+    trainer = make_trainer(recipe, built, prepared.train_dataset, prepared.eval_dataset)
+    trainer.train(resume_from_checkpoint=_resume_arg(recipe.training.resume_from_checkpoint))
+    result = finish(recipe, trainer, built, started)
+    if recipe.training.push_to_hub:
+        trainer.push_to_hub(dataset_name=recipe.script.dataset_name)
+    if end and hasattr(trainer, "end"):
+        trainer.end()
+    return result
+
+
+def release_zero3_parameters(trainer) -> None:
+    """Wait for and release every ZeRO-3 parameter still gathered or in flight (prefetched by an engine).
+
+    After DPO with precomputed reference log-probs TRL keeps a second (inference) DeepSpeed engine on the same
+    model; a parameter it prefetched can still be in flight, and gathering it for export then fails with
+    "Cannot partition a param in flight".
+    """
+    engines = [getattr(trainer, "model_wrapped", None), getattr(trainer, "_precompute_engine", None)]
+    seen = set()
+    for engine in engines:
+        if engine is None or id(engine) in seen or not hasattr(engine, "empty_partition_cache"):
+            continue
+        seen.add(id(engine))
+        engine.empty_partition_cache()
+
+
+def finish(recipe, trainer, built, started: float | None = None) -> RunResult:
+    """End of run on every rank: export the adapter (and merged model), the probe logits, the summary."""
+    output_dir = recipe.training.output_dir
+    model = trainer.model_wrapped if trainer.model_wrapped is not None else trainer.model
+    release_zero3_parameters(trainer)
+    from ..distributed.gather import rank, unwrap_peft_model
+
+    adapter = unwrap_peft_model(model).active_adapters[0]
+    files: dict[str, Any] = {"adapter": export_adapter_files(model, output_dir, adapter_names=[adapter])}
+    if rank() == 0:
+        built.tokenizer.save_pretrained(output_dir)
+    if recipe.recipe.export_merged:
+        files["merged"] = export_merged_model(model, output_dir, tokenizer=built.tokenizer)
+    if recipe.recipe.probe_text:
+        files["probe"] = write_probe(
+            model, built.tokenizer, recipe.recipe.probe_text, os.path.join(output_dir, PROBE_FILE),
+            device=trainer.accelerator.device,
+        )  # fmt: skip
+    extra = {"base_model": built.base_model_path, "wall_time_s": time.time() - started if started else None}
+    summary = summarize(recipe.task, trainer, files, extra)
+    files["summary"] = write_summary(summary, output_dir)
+    if rank() == 0:
+        trainer.accelerator.print(f"boft-plugin {recipe.task}: adapter written to {output_dir}")
+    return RunResult(trainer=trainer, summary=summary, output_dir=output_dir)
+
+
+__all__ = ["Prepared", "RecipeError", "RunResult", "finish", "make_trainer", "prepare", "run", "sync_reference_adapter"]
