@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     device = select_device(args.device)
     threads = set_threads(args.threads)
-    gflops = calibrate_gflops(device)
-    estimator = StockEstimator(gflops)
     metric = "cpu_median_ms" if args.metric == "cpu" else "median_ms"
+    gflops = calibrate_gflops(device, cpu_time=metric == "cpu_median_ms")
+    estimator = StockEstimator(gflops)
     opts = RunOptions(device, args.warmup, args.repeats, args.stock_budget_s, metric)
     meta = environment_info(device, threads) | {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else " ".join(argv),
