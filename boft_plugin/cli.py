@@ -37,29 +37,29 @@ def _train(task: str, argv: list[str]) -> int:
 
 
 def _verify(argv: list[str]) -> int:
+    """Reload runs' adapters with stock PEFT (and merged/ with transformers) in this process and compare logits."""
     from .recipes.verify import DEFAULT_TOLERANCE, check_report, verify_outputs
 
     parser = argparse.ArgumentParser(prog="boft-plugin verify", description=_verify.__doc__)
-    parser.add_argument("output_dir", help="a run's output_dir (adapter files and probe_logits.pt)")
+    parser.add_argument("output_dirs", nargs="+", help="runs' output_dir (adapter files and probe_logits.pt)")
     parser.add_argument("--base_model", default=None, help="base model (default: the adapter config's)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="max relative logit error")
     parser.add_argument("--merged", action=argparse.BooleanOptionalAction, default=None,
                         help="also check <output_dir>/merged (default: when it exists)")  # fmt: skip
-    parser.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    parser.add_argument("--json", action="store_true", help="print each report as one JSON line")
     args = parser.parse_args(argv)
-    report = verify_outputs(args.output_dir, base_model=args.base_model, merged=args.merged)
-    problems = check_report(report, args.tolerance)
-    report["ok"] = not problems
-    report["problems"] = problems
-    if args.json:
-        print(json.dumps(report))
-    else:
-        for key, value in report.items():
-            print(f"{key}: {value}")
-    return 0 if not problems else 1
-
-
-_verify.__doc__ = "Reload a run's adapter with stock PEFT (and merged/ with transformers) in this process and compare."
+    failed = False
+    for output_dir in args.output_dirs:
+        report = verify_outputs(output_dir, base_model=args.base_model, merged=args.merged)
+        problems = check_report(report, args.tolerance)
+        report["ok"] = not problems
+        report["problems"] = problems
+        failed |= bool(problems)
+        if args.json:
+            print(json.dumps(report), flush=True)
+        else:
+            print("\n".join(f"{key}: {value}" for key, value in report.items()), flush=True)
+    return 1 if failed else 0
 
 
 def _demo(argv: list[str]) -> int:

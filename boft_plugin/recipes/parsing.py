@@ -152,24 +152,25 @@ def _given(key: str, merged: dict, args: Sequence[str]) -> bool:
     return key in merged or any(a.split("=")[0] in flags for a in args)
 
 
-def cpu_launch_defaults(merged: dict, args: Sequence[str]) -> dict:
-    """Defaults that make a multi-process launch on a machine without GPUs really distributed.
-
-    transformers' ``TrainingArguments`` (under TRL's configs) does not distribute on the CPU by itself: every rank
-    of ``torch.distributed.run`` / ``accelerate launch`` (MULTI_GPU config) trains alone (world_size 1) unless
-    ``use_cpu`` is set, and under ``accelerate launch`` with DeepSpeed the ranks see world_size 1 unless
-    ``ddp_backend`` names gloo (DeepSpeed itself finds the CPU; ``use_cpu`` would switch DeepSpeed off, and bf16,
-    TRL's default, is refused on the CPU). Keys the recipe or the flags set are never changed.
-    """
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        world = 1
-    if world <= 1:
-        return {}
+def _has_accelerator() -> bool:
     import torch
 
-    if torch.cuda.is_available():
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
+def cpu_launch_defaults(merged: dict, args: Sequence[str]) -> dict:
+    """Defaults that make TRL's configs run, and really distribute, on a machine without GPUs.
+
+    transformers' ``TrainingArguments`` (under TRL's configs) needs ``use_cpu`` on such a machine: without it TRL's
+    default ``bf16: true`` is refused ("Your setup doesn't support bf16/gpu"), and every rank of
+    ``torch.distributed.run`` / ``accelerate launch`` (MULTI_GPU config) silently trains alone (world_size 1).
+    Under DeepSpeed (which finds the CPU itself and which ``use_cpu`` would switch off) the ranks see world_size 1
+    unless ``ddp_backend`` names gloo, and bf16 is refused. Keys the recipe or the flags set are never changed.
+    """
+    if _has_accelerator():
         return {}
     accelerate_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     deepspeed = accelerate_deepspeed or _given("deepspeed", merged, args)

@@ -101,6 +101,21 @@ def make_toy_base(
 
     tokenizer = char_tokenizer()
     model = tiny_llama(seed, **config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and does not fight other processes
+    try:
+        _pretrain(model, tokenizer, seed, steps, batch_size, lr)
+    finally:
+        torch.set_num_threads(threads)
+    output_dir = Path(output_dir)
+    model.save_pretrained(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+    return output_dir
+
+
+def _pretrain(model, tokenizer, seed: int, steps: int, batch_size: int, lr: float) -> None:
+    import torch
+
     if steps > 0:
         generator = torch.Generator().manual_seed(seed)
         texts = pretraining_texts(max(batch_size * 8, 256), seed=seed + 2)
@@ -116,8 +131,4 @@ def make_toy_base(
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-        model.eval()
-    output_dir = Path(output_dir)
-    model.save_pretrained(str(output_dir))
-    tokenizer.save_pretrained(str(output_dir))
-    return output_dir
+    model.eval()

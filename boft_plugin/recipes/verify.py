@@ -68,20 +68,19 @@ def check_report(report: dict, tolerance: float = DEFAULT_TOLERANCE) -> list[str
 
 
 def verify_in_fresh_process(
-    output_dir: str | os.PathLike, timeout: float = 300, env: dict | None = None, merged: bool | None = None
-) -> dict:
-    """Run ``python -m boft_plugin verify OUTPUT_DIR --json`` in a new process; return its report."""
+    *output_dirs: str | os.PathLike, timeout: float = 300, env: dict | None = None, merged: bool | None = None
+) -> list[dict]:
+    """Run ``python -m boft_plugin verify DIR... --json`` in a new process; return one report per directory."""
     from ..launchers import cpu_env
 
-    cmd = [sys.executable, "-m", "boft_plugin", "verify", str(output_dir), "--json"]
+    cmd = [sys.executable, "-m", "boft_plugin", "verify", *map(str, output_dirs), "--json"]
     if merged is not None:
         cmd.append("--merged" if merged else "--no-merged")
     proc = subprocess.run(cmd, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if not lines:
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if len(reports) != len(output_dirs):
         raise RuntimeError(
-            f"verify produced no report (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            f"verify exited with {proc.returncode} and {len(reports)} report(s) for {len(output_dirs)} "
+            f"director(ies):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         )
-    report = json.loads(lines[-1])
-    report["returncode"] = proc.returncode
-    return report
+    return reports
