@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     device = select_device(args.device)
     threads = set_threads(args.threads)
     metric = "cpu_median_ms" if args.metric == "cpu" else "median_ms"
-    gflops = calibrate_gflops(device, cpu_time=metric == "cpu_median_ms")
-    estimator = StockEstimator(gflops)
+    estimator = StockEstimator(lambda: calibrate_gflops(device, cpu_time=metric == "cpu_median_ms"))
+    gflops = estimator.gflops
     opts = RunOptions(device, args.warmup, args.repeats, args.stock_budget_s, metric)
     meta = environment_info(device, threads) | {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else " ".join(argv),
@@ -123,9 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         case = ModelCase(block_size=args.model_block_size)
         results["model"].append(run_model_case(case, args.factors, opts, estimator))
 
-    meta["stock_estimate_correction"] = round(
-        sorted(estimator.ratios)[len(estimator.ratios) // 2] if estimator.ratios else 1.0, 3
-    )
+    meta["stock_estimate_ratios"] = [round(r, 3) for r in estimator.ratios]
     meta["wall_s"] = round(time.perf_counter() - t_start, 1)
     meta["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     args.json.parent.mkdir(parents=True, exist_ok=True)

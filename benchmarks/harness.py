@@ -5,9 +5,10 @@ spreads over all methods instead of spoiling one row; the share of the machine's
 during each method's timed steps is recorded (``other_cpu_share``), and so is the process CPU time per step
 (``cpu_median_ms``: with ``--threads 1`` a contention-robust measure of the work done).
 
-A stock-PEFT method is skipped when its estimated time (base step plus the dense extra FLOPs at the calibrated
-matmul rate, corrected by the measured/estimated ratio of earlier stock rows) times its number of steps exceeds
-the budget; the estimate is taken after the base's warm-up and after the cheaper stock rows' warm-up.
+A stock-PEFT method is skipped when its estimated time (base step plus the dense extra FLOPs at a matmul rate
+measured just before the case's stock rows, corrected by the measured/estimated ratio of recent stock rows) times
+its number of steps exceeds the budget; the estimate is taken after the base's warm-up and after the cheaper stock
+rows' warm-up.
 """
 
 from __future__ import annotations
@@ -133,9 +134,14 @@ def run_case(
     # 1. build + warm up, base first; stock rows are estimated (and maybe skipped) once the base time is known.
     base_ms = None
     n_steps = max(1, opts.warmup) + opts.repeats + 1
+    recalibrated = False
     for entry in entries:
         method = entry.method
         if method.kind == "stock":
+            if not recalibrated:
+                estimator.recalibrate()
+                recalibrated = True
+            entry.row["est_gflops"] = round(estimator.gflops, 1)
             raw = estimator.raw_seconds(base_ms, extra_flops(method))
             est = estimator.seconds(base_ms, extra_flops(method))
             entry.raw_estimate_s = raw

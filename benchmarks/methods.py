@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -169,19 +169,33 @@ def stock_extra_flops(width: int, tokens: int, m: int) -> float:
 
 
 class StockEstimator:
-    """Estimated stock-PEFT step time = base step + extra FLOPs at the calibrated matmul rate, then corrected by
-    the median measured/estimated ratio of the stock rows that did run."""
+    """Estimated stock-PEFT step time = base step + extra FLOPs at the current matmul rate, times a correction.
 
-    def __init__(self, gflops: float):
-        self.gflops = gflops
+    The rate is re-measured before each case's stock rows (``recalibrate``), so that load from other processes at
+    that moment is accounted for; the correction is the median measured/estimated ratio of the last three stock
+    rows that ran (their warm-up step), clamped to [0.5, 2] so that one noisy row cannot skip everything after it.
+    """
+
+    def __init__(self, calibrate: Callable[[], float]):
+        self._calibrate = calibrate
+        self.gflops = calibrate()
         self.ratios: list[float] = []
+
+    def recalibrate(self) -> float:
+        self.gflops = self._calibrate()
+        return self.gflops
+
+    @property
+    def correction(self) -> float:
+        if not self.ratios:
+            return 1.0
+        return min(2.0, max(0.5, statistics.median(self.ratios[-3:])))
 
     def raw_seconds(self, base_ms: float | None, extra_flops: float) -> float:
         return (base_ms or 0.0) / 1e3 + extra_flops / (self.gflops * 1e9)
 
     def seconds(self, base_ms: float | None, extra_flops: float) -> float:
-        factor = statistics.median(self.ratios) if self.ratios else 1.0
-        return self.raw_seconds(base_ms, extra_flops) * factor
+        return self.raw_seconds(base_ms, extra_flops) * self.correction
 
     def observe(self, raw_seconds: float, measured_seconds: float) -> None:
         if raw_seconds > 0:
