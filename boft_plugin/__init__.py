@@ -20,7 +20,7 @@ _LAZY = {
     "unregister": ".registry",
     "is_registered": ".registry",
     "BoftModel": ".tuner.model",
-    "BoftTargetError": ".tuner.model",
+    "BoftTargetError": ".tuner.targets",
     "BoftSaveError": ".tuner.model",
     "export_adapter": ".export",
     "export_merged": ".export",

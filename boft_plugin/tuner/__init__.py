@@ -3,7 +3,8 @@
 from .conv import BoftConv2d
 from .geometry import Geometry, GeometryError, resolve_geometry
 from .linear import BoftLinear
-from .model import BoftModel, BoftTargetError, check_targets
+from .model import BoftModel
+from .targets import BoftTargetError, TargetPlan, check_targets, plan_targets
 
 __all__ = [
     "BoftConv2d",
@@ -13,5 +14,7 @@ __all__ = [
     "Geometry",
     "GeometryError",
     "check_targets",
+    "TargetPlan",
+    "plan_targets",
     "resolve_geometry",
 ]

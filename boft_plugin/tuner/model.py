@@ -6,108 +6,16 @@ before the first one is replaced (one error lists them all), and modules are bui
 
 from __future__ import annotations
 
-import copy
 import warnings
 
-from peft.tuners.boft.layer import BOFTLayer
 from peft.tuners.boft.model import BOFTModel
-from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .conv import BoftConv2d
-from .geometry import GeometryError, resolve_geometry, suggest_valid_choices
 from .layer import BoftLayerMixin
 from .linear import BoftLinear
-
-try:  # transformers is optional for the tuner itself
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency of the package
-    Conv1D = None
-
-
-class BoftTargetError(ValueError):
-    """One or more targeted modules cannot take the requested BOFT adapter; nothing was modified."""
-
-
-def _layer_kind(module: nn.Module) -> str | None:
-    """``'linear'``, ``'conv1d'`` (transformers), ``'conv2d'``, or None for a type we do not adapt."""
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if Conv1D is not None and isinstance(module, Conv1D):
-        return "conv1d"
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
-    return None
-
-
-def rotated_width(module: nn.Module) -> int:
-    """Width the rotation acts on for a supported base module (ZeRO-3-partitioned weights included)."""
-    kind = _layer_kind(module)
-    if kind == "linear":
-        return module.in_features
-    if kind == "conv1d":
-        shape = getattr(module.weight, "ds_shape", module.weight.shape)
-        return int(shape[0])
-    if kind == "conv2d":
-        return module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-    raise TypeError(f"unsupported layer type {type(module).__name__}")
-
-
-def _unsupported_reason(module: nn.Module) -> str | None:
-    kind = _layer_kind(module)
-    if kind is None:
-        return (
-            f"layer type {type(module).__module__}.{type(module).__name__} is not supported "
-            "(supported: torch.nn.Linear, transformers Conv1D, torch.nn.Conv2d with groups=1; quantized layers are "
-            "not accelerated, target them with LoRA or dequantize first)"
-        )
-    if kind == "conv2d" and module.groups > 1:
-        return f"Conv2d with groups={module.groups} is not supported (BOFT needs groups=1)"
-    return None
-
-
-def check_targets(model: nn.Module, config, adapter_name: str) -> None:
-    """Check every module the config targets; raise one :class:`BoftTargetError` listing all problems.
-
-    Runs before any module is replaced, so a bad config leaves the model untouched.
-    """
-    config = _maybe_include_all_linear_layers(copy.copy(config), model)
-    tuner_prefixes: list[str] = []
-    problems: list[str] = []
-    for key, module in model.named_modules():
-        if not key or any(key.startswith(prefix) for prefix in tuner_prefixes):
-            continue
-        if isinstance(module, BaseTunerLayer):
-            tuner_prefixes.append(key + ".")
-        matched = BOFTModel._check_target_module_exists(config, key)
-        if not matched or type(matched).__name__ == "_ExcludedModule":
-            continue
-        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-        if isinstance(module, BOFTLayer) and not isinstance(module, BoftLayerMixin):
-            problems.append(
-                f"{key}: holds a stock PEFT BOFT layer built before boft_plugin.register(); rebuild the model "
-                "after register() to add adapters"
-            )
-            continue
-        reason = _unsupported_reason(base)
-        if reason:
-            problems.append(f"{key}: {reason}")
-            continue
-        width = rotated_width(base)
-        try:
-            resolve_geometry(width, config.boft_block_size, config.boft_block_num, config.boft_n_butterfly_factor)
-        except GeometryError as err:
-            hint = suggest_valid_choices(
-                width, config.boft_block_size, config.boft_block_num, config.boft_n_butterfly_factor
-            )
-            problems.append(f"{key} (width {width}): {err.reason}; {hint}")
-    if problems:
-        header = (
-            f"BOFT adapter '{adapter_name}' (boft_block_size={config.boft_block_size}, "
-            f"boft_block_num={config.boft_block_num}, boft_n_butterfly_factor={config.boft_n_butterfly_factor}) "
-            f"cannot be applied to {len(problems)} module(s); the model was not modified:"
-        )
-        raise BoftTargetError("\n  - ".join([header, *problems]))
+from .targets import layer_kind, unsupported_reason, check_targets
 
 
 class BoftSaveError(RuntimeError):
@@ -175,10 +83,10 @@ class BoftModel(BOFTModel):
     @staticmethod
     def _create_new_module(boft_config, adapter_name: str, target: nn.Module, **kwargs) -> nn.Module:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        reason = _unsupported_reason(base)
+        reason = unsupported_reason(base)
         if reason:
             raise TypeError(f"Target module {target}: {reason}")
-        kind = _layer_kind(base)
+        kind = layer_kind(base)
         if kind == "conv2d":
             return BoftConv2d(target, adapter_name, config=boft_config)
         if kind == "linear" and boft_config.fan_in_fan_out:

@@ -1,0 +1,140 @@
+"""Which modules a BOFT config targets in a model, and whether each can take the adapter.
+
+Pure planning: nothing here modifies the model. ``plan_targets`` is shared by the up-front config check (before
+any module is replaced) and by the checkpoint checks (expected tensor shapes before anything is loaded).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from peft.tuners.boft.layer import BOFTLayer
+from peft.tuners.boft.model import BOFTModel
+from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers
+from torch import nn
+
+from .geometry import Geometry, GeometryError, resolve_geometry, suggest_valid_choices
+from .layer import BoftLayerMixin
+
+try:  # transformers is optional for the tuner itself
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency of the package
+    Conv1D = None
+
+
+class BoftTargetError(ValueError):
+    """One or more targeted modules cannot take the requested BOFT adapter; nothing was modified."""
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """``'linear'``, ``'conv1d'`` (transformers), ``'conv2d'``, or None for a type we do not adapt."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if Conv1D is not None and isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    return None
+
+
+def rotated_width(module: nn.Module) -> int:
+    """Width the rotation acts on for a supported base module (ZeRO-3-partitioned weights included)."""
+    kind = layer_kind(module)
+    if kind == "linear":
+        return module.in_features
+    if kind == "conv1d":
+        shape = getattr(module.weight, "ds_shape", module.weight.shape)
+        return int(shape[0])
+    if kind == "conv2d":
+        return module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+    raise TypeError(f"unsupported layer type {type(module).__name__}")
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    kind = layer_kind(module)
+    if kind is None:
+        return (
+            f"layer type {type(module).__module__}.{type(module).__name__} is not supported "
+            "(supported: torch.nn.Linear, transformers Conv1D, torch.nn.Conv2d with groups=1; quantized layers are "
+            "not accelerated, target them with LoRA or dequantize first)"
+        )
+    if kind == "conv2d" and module.groups > 1:
+        return f"Conv2d with groups={module.groups} is not supported (BOFT needs groups=1)"
+    return None
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """What adapting one module means: its kind, geometry and the expected adapter tensor shapes."""
+
+    kind: str
+    geometry: Geometry
+    out_features: int
+
+    @property
+    def scale_shape(self) -> tuple[int, int]:
+        return (1, self.out_features) if self.kind == "conv2d" else (self.out_features, 1)
+
+
+def _out_features(module: nn.Module) -> int:
+    kind = layer_kind(module)
+    if kind == "conv1d":
+        return int(getattr(module.weight, "ds_shape", module.weight.shape)[1])
+    return module.out_channels if kind == "conv2d" else module.out_features
+
+
+def plan_targets(model: nn.Module, config) -> tuple[dict[str, TargetPlan], list[str]]:
+    """Modules ``config`` targets in ``model`` (names relative to ``model``) and the problems found, if any."""
+    config = _maybe_include_all_linear_layers(copy.copy(config), model)
+    tuner_prefixes: list[str] = []
+    problems: list[str] = []
+    plans: dict[str, TargetPlan] = {}
+    for key, module in model.named_modules():
+        if not key or any(key.startswith(prefix) for prefix in tuner_prefixes):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            tuner_prefixes.append(key + ".")
+        matched = BOFTModel._check_target_module_exists(config, key)
+        if not matched or type(matched).__name__ == "_ExcludedModule":
+            continue
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        if isinstance(module, BOFTLayer) and not isinstance(module, BoftLayerMixin):
+            problems.append(
+                f"{key}: holds a stock PEFT BOFT layer built before boft_plugin.register(); rebuild the model "
+                "after register() to add adapters"
+            )
+            continue
+        reason = unsupported_reason(base)
+        if reason:
+            problems.append(f"{key}: {reason}")
+            continue
+        width = rotated_width(base)
+        try:
+            geometry = resolve_geometry(
+                width, config.boft_block_size, config.boft_block_num, config.boft_n_butterfly_factor
+            )
+        except GeometryError as err:
+            hint = suggest_valid_choices(
+                width, config.boft_block_size, config.boft_block_num, config.boft_n_butterfly_factor
+            )
+            problems.append(f"{key} (width {width}): {err.reason}; {hint}")
+            continue
+        plans[key] = TargetPlan(layer_kind(base), geometry, _out_features(base))
+    return plans, problems
+
+
+def check_targets(model: nn.Module, config, adapter_name: str) -> dict[str, TargetPlan]:
+    """Check every module the config targets; raise one :class:`BoftTargetError` listing all problems.
+
+    Runs before any module is replaced, so a bad config leaves the model untouched.
+    """
+    plans, problems = plan_targets(model, config)
+    if problems:
+        header = (
+            f"BOFT adapter '{adapter_name}' (boft_block_size={config.boft_block_size}, "
+            f"boft_block_num={config.boft_block_num}, boft_n_butterfly_factor={config.boft_n_butterfly_factor}) "
+            f"cannot be applied to {len(problems)} module(s); the model was not modified:"
+        )
+        raise BoftTargetError("\n  - ".join([header, *problems]))
+    return plans
