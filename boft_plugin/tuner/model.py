@@ -15,7 +15,7 @@ from torch import nn
 from .conv import BoftConv2d
 from .layer import BoftLayerMixin
 from .linear import BoftLinear
-from .targets import layer_kind, unsupported_reason, check_targets
+from .targets import check_targets, layer_kind, unsupported_reason
 
 
 class BoftSaveError(RuntimeError):
