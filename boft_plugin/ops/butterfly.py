@@ -15,7 +15,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "application_group",
     "butterfly_perm",
+    "group_blocks",
+    "scale_shift",
     "cayley",
     "compose_effective_blocks",
     "effective_block_size",
@@ -165,6 +168,25 @@ def compose_effective_blocks(blocks: Tensor) -> Tensor:
         return rows
 
 
+def application_group(n_blocks: int, block: int, min_width: int) -> int:
+    """How many consecutive blocks to merge so that one application block is at least ``min_width`` wide.
+
+    A power of two dividing ``n_blocks`` (1 when ``block >= min_width``). Batched matmuls of 8- or 16-wide blocks
+    run far below the machine's matmul rate; a few structural zeros buy back that efficiency.
+    """
+    group = 1
+    while block * group < min_width and n_blocks % (2 * group) == 0:
+        group *= 2
+    return group
+
+
+def group_blocks(effective_blocks: Tensor, group: int) -> Tensor:
+    """``(K, Be, Be)`` -> ``(K / group, group * Be, group * Be)``: runs of ``group`` blocks on one diagonal."""
+    if group == 1:
+        return effective_blocks
+    return _block_diagonal_within(effective_blocks, group)
+
+
 def rotate_activations(x: Tensor, effective_blocks: Tensor) -> Tensor:
     """``x @ B`` as one batched block matmul.
 
@@ -197,3 +219,41 @@ def rotate_weight(weight: Tensor, effective_blocks: Tensor, inverse: bool = Fals
     w = weight.reshape(weight.shape[0], k, be).to(effective_blocks.dtype)
     pattern = "okb,kbc->okc" if inverse else "okb,kcb->okc"
     return torch.einsum(pattern, w, effective_blocks).reshape(weight.shape[0], k * be)
+
+
+class _ScaleShift(torch.autograd.Function):
+    """``y = r * s + b * (1 - s)`` (PEFT's ``(r - b) * s + b``) that saves ``y`` instead of ``r``.
+
+    The gradient of ``s`` needs ``r``; it is recovered as ``(y - b) / s``, so nothing of size ``tokens x out`` is
+    kept beyond the layer's output (which the next op usually saves anyway). Exact up to rounding while ``s`` is
+    away from 0 (it starts at 1).
+    """
+
+    @staticmethod
+    def forward(ctx, r: Tensor, s: Tensor, b: Tensor | None) -> Tensor:
+        y = r * s if b is None else torch.addcmul(b * (1 - s), r, s)
+        ctx.save_for_backward(y, s, b)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        y, s, b = ctx.saved_tensors
+        lead = tuple(range(grad.dim() - 1))
+        acc = torch.promote_types(grad.dtype, torch.float32)  # reduce over tokens in at least float32
+        grad_r = grad * s if ctx.needs_input_grad[0] else None
+        grad_s = grad_b = None
+        if ctx.needs_input_grad[1]:
+            centered = y if b is None else y - b
+            grad_s = ((grad.to(acc) * centered.to(acc)).sum(lead) / s.to(acc)).to(s.dtype)
+        if b is not None and ctx.needs_input_grad[2]:
+            grad_b = (grad.to(acc).sum(lead) * (1 - s.to(acc))).to(b.dtype)
+        return grad_r, grad_s, grad_b
+
+
+def scale_shift(r: Tensor, s: Tensor, b: Tensor | None) -> Tensor:
+    """``(r - b) * s + b`` per output column, with a memory-light backward (see :class:`_ScaleShift`).
+
+    Args:
+        r: ``(..., out)`` base-layer output (bias included); s: ``(out,)``; b: ``(out,)`` or None.
+    """
+    return _ScaleShift.apply(r, s, b)

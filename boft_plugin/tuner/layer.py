@@ -17,17 +17,9 @@ from peft.tuners.boft.layer import BOFTLayer, MultiplicativeDropoutLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
-from ..ops.butterfly import cayley, compose_effective_blocks, multiplicative_dropout, rotate_weight
+from ..ops.butterfly import rotate_weight
 from .geometry import Geometry, GeometryError, resolve_geometry
-
-
-def rotation_blocks_from(boft_r: Tensor, dropout_p: float = 0.0) -> Tensor:
-    """Effective blocks ``(K, Be, Be)`` from full ``boft_R`` ``(m, N, b, b)``; float32 whatever autocast says."""
-    with torch.autocast(device_type=boft_r.device.type, enabled=False):
-        blocks = cayley(boft_r)
-        if dropout_p > 0:
-            blocks = multiplicative_dropout(blocks, dropout_p)
-        return compose_effective_blocks(blocks)
+from .rotation import BlockCache, application_blocks, min_application_width, rotation_blocks_from
 
 
 @torch.no_grad()
@@ -58,6 +50,7 @@ class BoftLayerMixin(BOFTLayer):
     def _init_boft_state(self) -> None:
         self.boft_geometry: dict[str, Geometry] = {}
         self.boft_block_major: dict[str, bool] = {}
+        self._boft_block_cache = BlockCache()
 
     # -- subclass hooks ---------------------------------------------------------------------------------------
     def rotated_width(self) -> int:
@@ -133,14 +126,29 @@ class BoftLayerMixin(BOFTLayer):
         self.boft_R[adapter_name] = nn.Parameter(old.transpose(0, 1).contiguous(), requires_grad=old.requires_grad)
         self.boft_block_major[adapter_name] = True
 
+    def _dropout_p(self, adapter_name: str) -> float:
+        dropout = self.boft_dropout[adapter_name]
+        return dropout.p if isinstance(dropout, MultiplicativeDropoutLayer) and dropout.training else 0.0
+
     def rotation_blocks(self, adapter_name: str) -> Tensor:
         """Effective blocks ``(K, Be, Be)`` of adapter ``adapter_name``'s rotation, float32 (float64 stays).
 
         Applies ``boft_dropout`` in training, like PEFT's ``MultiplicativeDropoutLayer``.
         """
-        dropout = self.boft_dropout[adapter_name]
-        p = dropout.p if isinstance(dropout, MultiplicativeDropoutLayer) and dropout.training else 0.0
-        return rotation_blocks_from(self.boft_r(adapter_name), p)
+        return rotation_blocks_from(self.boft_r(adapter_name), self._dropout_p(adapter_name))
+
+    def application_blocks(self, adapter_name: str, dtype: torch.dtype) -> Tensor:
+        """Blocks ``(K', A, A)`` in ``dtype`` that multiply the activations (see :mod:`.rotation`)."""
+        boft_r = self.boft_r(adapter_name)
+        p = self._dropout_p(adapter_name)
+        width = min_application_width(boft_r.device)
+
+        def build() -> Tensor:
+            return application_blocks(boft_r, p, width).to(dtype)
+
+        if BlockCache.usable(boft_r, p):
+            return self._boft_block_cache.get(adapter_name, boft_r, dtype, width, build)
+        return build()
 
     def scale_vector(self, adapter_name: str) -> Tensor:
         """``boft_s`` of ``adapter_name`` as an ``(out,)`` vector."""

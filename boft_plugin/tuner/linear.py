@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..ops.butterfly import rotate_activations
+from ..ops.butterfly import rotate_activations, scale_shift
 from .layer import BoftLayerMixin
 
 
@@ -49,20 +49,16 @@ class BoftLinear(nn.Module, BoftLayerMixin):
         # PEFT composes B = B_last ... B_first, so x @ B applies the last active adapter's rotation first.
         rotated = x
         for name in reversed(adapters):
-            rotated = rotate_activations(rotated, self.rotation_blocks(name).to(x.dtype))
+            rotated = rotate_activations(rotated, self.application_blocks(name, x.dtype))
         result = self.base_layer(rotated, *args, **kwargs)
 
         scale = self.scale_vector(adapters[0])
         for name in adapters[1:]:
             scale = scale * self.scale_vector(name)
-        scale = scale.to(result.dtype)
         bias = self.get_base_layer().bias
-        if bias is None:
-            result = result * scale
-        else:
-            # (result - bias) * s + bias, fused: result * s + bias * (1 - s).
-            result = torch.addcmul(bias.to(result.dtype) * (1 - scale), result, scale)
-        return result.to(previous_dtype)
+        bias = None if bias is None else bias.to(result.dtype)
+        # (result - bias) * s + bias, saving the output rather than `result` for the gradient of s
+        return scale_shift(result, scale.to(result.dtype), bias).to(previous_dtype)
 
     def __repr__(self) -> str:
         return "boft." + super().__repr__()

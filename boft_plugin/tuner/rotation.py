@@ -1,0 +1,86 @@
+"""How a layer gets the rotation blocks it applies to activations: grouped, checkpointed, cached.
+
+- Small blocks are merged into application blocks of at least ``min_application_width(device)`` (16 on the CPU,
+  64 on CUDA; ``BOFT_PLUGIN_MIN_BLOCK_WIDTH`` overrides): batched matmuls of 8-wide blocks run far below the
+  machine's matmul rate (measured in benchmarks/RESULTS.md).
+- With gradients, the Cayley + composition step is recomputed in backward instead of keeping its intermediates
+  (``n * Be`` elements per factor, independent of the tokens but large for big ``b * 2**(m-1)``).
+- Without gradients (``eval()`` + ``no_grad``), the blocks are cached while the parameter is unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from ..ops.butterfly import application_group, cayley, compose_effective_blocks, group_blocks, multiplicative_dropout
+
+_DEFAULT_MIN_WIDTH = {"cpu": 16, "cuda": 64}
+
+
+def min_application_width(device: torch.device) -> int:
+    """Narrowest block the activation matmul is given on this device type."""
+    override = os.environ.get("BOFT_PLUGIN_MIN_BLOCK_WIDTH")
+    if override:
+        return int(override)
+    return _DEFAULT_MIN_WIDTH.get(device.type, 64)
+
+
+def rotation_blocks_from(boft_r: Tensor, dropout_p: float = 0.0) -> Tensor:
+    """Effective blocks ``(K, Be, Be)`` from full ``boft_R`` ``(m, N, b, b)``; float32 whatever autocast says."""
+    with torch.autocast(device_type=boft_r.device.type, enabled=False):
+        blocks = cayley(boft_r)
+        if dropout_p > 0:
+            blocks = multiplicative_dropout(blocks, dropout_p)
+        return compose_effective_blocks(blocks)
+
+
+def _grouped_blocks(boft_r: Tensor, dropout_p: float, group: int) -> Tensor:
+    with torch.autocast(device_type=boft_r.device.type, enabled=False):
+        return group_blocks(rotation_blocks_from(boft_r, dropout_p), group)
+
+
+def application_blocks(boft_r: Tensor, dropout_p: float, min_width: int) -> Tensor:
+    """Blocks ``(K', A, A)`` to multiply the activations by: effective blocks merged to width ``A >= min_width``.
+
+    Args:
+        boft_r: ``(m, N, b, b)`` (a view is fine); dropout_p: ``boft_dropout`` probability to apply (0 in eval).
+    """
+    m, n_blocks, b, _ = boft_r.shape
+    effective = b * 2 ** (m - 1)
+    group = application_group(n_blocks // 2 ** (m - 1), effective, min_width)
+    if m > 1 and torch.is_grad_enabled() and boft_r.requires_grad:
+        # keep only boft_R for backward; recompute the (token-independent, cheap) composition there
+        return checkpoint(_grouped_blocks, boft_r, dropout_p, group, use_reentrant=False)
+    return _grouped_blocks(boft_r, dropout_p, group)
+
+
+class BlockCache:
+    """Application blocks per adapter, reused while no gradient is taken and the parameter is unchanged."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[tuple, Tensor]] = {}
+
+    @staticmethod
+    def usable(boft_r: Tensor, dropout_p: float) -> bool:
+        return (
+            not torch.is_grad_enabled()
+            and dropout_p == 0
+            and not torch.compiler.is_compiling()
+            and not hasattr(boft_r, "ds_id")  # ZeRO-3 swaps .data in and out around each forward
+        )
+
+    def get(self, adapter: str, boft_r: Tensor, dtype: torch.dtype, min_width: int, build) -> Tensor:
+        key = (boft_r._version, boft_r.data_ptr(), boft_r.device, dtype, min_width)
+        entry = self._entries.get(adapter)
+        if entry is not None and entry[0] == key:
+            return entry[1]
+        value = build()
+        self._entries[adapter] = (key, value)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
