@@ -22,6 +22,9 @@ _LAZY = {
     "BoftModel": ".tuner.model",
     "BoftTargetError": ".tuner.targets",
     "BoftSaveError": ".tuner.model",
+    "BoftCheckpointError": ".checkpoint",
+    "BoftNumericsError": ".tuner.layer",
+    "load_adapter": ".checkpoint",
     "export_adapter": ".export",
     "export_merged": ".export",
 }

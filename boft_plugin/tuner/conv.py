@@ -54,7 +54,9 @@ class BoftConv2d(nn.Module, BoftLayerMixin):
         matrix = weight.reshape(self.out_features, -1)
         # PEFT's W @ (B_last ... B_first)^T: rotate by the first adapter first.
         for name in adapters:
-            matrix = rotate_weight(matrix, self.rotation_blocks(name))
+            matrix = rotate_weight(
+                matrix, self.application_blocks(name, torch.promote_types(weight.dtype, torch.float32))
+            )
             matrix = matrix * self.scale_vector(name).to(matrix.dtype)[:, None]
         rotated = matrix.reshape(weight.shape).to(weight.dtype)
         bias = base.bias

@@ -39,6 +39,10 @@ def merge_matrix(matrix: Tensor, boft_r: Tensor, boft_s: Tensor, inverse: bool =
     return rotate_weight(matrix, blocks) * scale
 
 
+class BoftNumericsError(FloatingPointError):
+    """An adapter's rotation is NaN/Inf; raised instead of letting it spread through the model silently."""
+
+
 class BoftLayerMixin(BOFTLayer):
     """Parameters and maths common to every layer type; see :class:`BoftLinear` and :class:`BoftConv2d`."""
 
@@ -144,7 +148,15 @@ class BoftLayerMixin(BOFTLayer):
         width = min_application_width(boft_r.device)
 
         def build() -> Tensor:
-            return application_blocks(boft_r, p, width).to(dtype)
+            blocks = application_blocks(boft_r, p, width)
+            if not torch.compiler.is_compiling() and not torch.isfinite(blocks).all():
+                raise BoftNumericsError(
+                    f"BOFT adapter '{adapter_name}' of layer {getattr(self, 'boft_module_name', '?')}: the Cayley "
+                    f"rotation is not finite (boft_R has {int((~torch.isfinite(boft_r)).sum())} NaN/Inf values of "
+                    f"{boft_r.numel()}); the step that produced them diverged. Lower the learning rate or resume "
+                    "from the last good checkpoint"
+                )
+            return blocks.to(dtype)
 
         if BlockCache.usable(boft_r, p):
             return self._boft_block_cache.get(adapter_name, boft_r, dtype, width, build)

@@ -36,6 +36,38 @@ def refuse_partitioned(state_dict: dict) -> None:
         )
 
 
+def expected_adapter_shapes(model: nn.Module, adapter_name: str) -> dict[str, dict[str, tuple[int, ...]]]:
+    """``{module name without 'base_model.model.': {"boft_R": shape, "boft_s": shape}}`` of one adapter."""
+    shapes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, BoftLayerMixin) and adapter_name in module.boft_geometry:
+            shapes[name.removeprefix("base_model.model.")] = {
+                "boft_R": module.boft_geometry[adapter_name].param_shape,
+                "boft_s": module._scale_shape(),
+            }
+    return shapes
+
+
+def undo_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Take an injected adapter out again: layers left without adapters give their base layer back, and the
+    parameters' ``requires_grad`` flags are restored to what they were before the injection."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BoftLayerMixin) and adapter_name in module.boft_R:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                module.delete_adapter(adapter_name)
+            if not module.boft_R:
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+    for owner in (model, getattr(model, "base_model", None)):
+        configs = getattr(owner, "peft_config", None) if owner is not None else None
+        if isinstance(configs, dict):
+            configs.pop(adapter_name, None)
+    tuner = model.base_model if isinstance(getattr(model, "base_model", None), BoftModel) else model
+    for param, flag in tuner.__dict__.get("_boft_requires_grad_before", {}).pop(adapter_name, []):
+        param.requires_grad_(flag)
+
+
 class BoftModel(BOFTModel):
     """Drop-in replacement for PEFT's ``BOFTModel`` (same config, same parameter names and shapes)."""
 
@@ -67,7 +99,26 @@ class BoftModel(BOFTModel):
                 "parameters would not be managed by FSDP and would drift apart across ranks without any error. "
                 "Add the adapter first, then shard with boft_plugin.distributed.fsdp.shard_for_fsdp2(model)."
             )
-        check_targets(model, peft_config, adapter_name=getattr(self, "_adapter_being_injected", "default"))
+        adapter_name = getattr(self, "_adapter_being_injected", "default")
+        check_targets(model, peft_config, adapter_name=adapter_name)
+        # what to restore if loading this adapter's weights fails after injection (see undo_adapter)
+        snapshots = self.__dict__.setdefault("_boft_requires_grad_before", {})
+        snapshots[adapter_name] = [(p, p.requires_grad) for p in model.parameters()]
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        # Every PEFT load path (from_pretrained, load_adapter, set_peft_model_state_dict) passes here before
+        # copying tensors: check them all, and on a mismatch take the just-injected adapter out again.
+        from ..checkpoint import BoftCheckpointError, check_adapter_tensors
+
+        problems = check_adapter_tensors(state_dict, expected_adapter_shapes(model, adapter_name), config.to_dict())
+        if problems:
+            undo_adapter(model, adapter_name)
+            raise BoftCheckpointError(
+                f"the checkpoint for adapter '{adapter_name}' does not fit this model; the adapter was not added:\n  - "
+                + "\n  - ".join(problems)
+            )
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     def _create_and_replace(self, boft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if current_key is None:
@@ -76,6 +127,7 @@ class BoftModel(BOFTModel):
             target.update_layer(adapter_name, config=boft_config)
             return
         new_module = self._create_new_module(boft_config, adapter_name, target)
+        new_module.boft_module_name = current_key  # for error messages
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an additional adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)
