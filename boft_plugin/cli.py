@@ -44,8 +44,12 @@ def _verify(argv: list[str]) -> int:
     parser.add_argument("output_dirs", nargs="+", help="runs' output_dir (adapter files and probe_logits.pt)")
     parser.add_argument("--base_model", default=None, help="base model (default: the adapter config's)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="max relative logit error")
-    parser.add_argument("--merged", action=argparse.BooleanOptionalAction, default=None,
-                        help="also check <output_dir>/merged (default: when it exists)")  # fmt: skip
+    parser.add_argument(
+        "--merged",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also check <output_dir>/merged (default: when it exists)",
+    )
     parser.add_argument("--json", action="store_true", help="print each report as one JSON line")
     args = parser.parse_args(argv)
     failed = False

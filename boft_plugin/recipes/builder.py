@@ -57,8 +57,15 @@ def _adapter_config(path: str) -> dict:
 def model_source(recipe) -> ModelSource:
     """Where the base model comes from; raises :class:`RecipeError` for zero or several sources."""
     args, name = recipe.recipe, recipe.model.model_name_or_path
-    given = [key for key, on in (("model_name_or_path", name), ("model_config", args.model_config and not
-             args.tiny_model), ("tiny_model", args.tiny_model)) if on]  # fmt: skip
+    given = [
+        key
+        for key, on in (
+            ("model_name_or_path", name),
+            ("model_config", args.model_config and not args.tiny_model),
+            ("tiny_model", args.tiny_model),
+        )
+        if on
+    ]
     if len(given) > 1:
         raise RecipeError(f"recipe keys {' and '.join(repr(k) for k in given)}: give exactly one model source")
     if name:

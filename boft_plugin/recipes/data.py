@@ -195,15 +195,22 @@ def load_recipe_data(recipe, train_dataset: Any = None, eval_dataset: Any = None
         splits = _mixture(mixture)
     elif script.dataset_name:
         splits = load_source(
-            script.dataset_name, "dataset_name", split=None, name=script.dataset_config,
+            script.dataset_name,
+            "dataset_name",
+            split=None,
+            name=script.dataset_config,
             streaming=script.dataset_streaming,
-        )  # fmt: skip
+        )
     else:
         raise RecipeError(
             f"no training data: set 'dataset_name' (a local file, directory or hub name) or 'datasets' in the "
             f"recipe, or pass train_dataset to the Python API (`boft-plugin {recipe.task}`)"
         )
     where = _describe(recipe, key) if key in ("dataset_name", "datasets") else key
+    if key != "datasets" and mixture.test_split_size and test_split not in splits and train_split in splits:
+        # TRL applies test_split_size to its mixture only; a recipe applies it to any single source too
+        parts = splits[train_split].train_test_split(test_size=mixture.test_split_size, seed=training.seed)
+        splits = {**splits, train_split: parts["train"], test_split: parts["test"]}
     if train_split not in splits:
         raise RecipeError(f"{where}: has splits {sorted(splits)}, not '{train_split}' (key 'dataset_train_split')")
     train = splits[train_split]
@@ -215,9 +222,12 @@ def load_recipe_data(recipe, train_dataset: Any = None, eval_dataset: Any = None
         evaluation = eval_dataset
         check_columns(evaluation, recipe.task, "eval_dataset (Python API)", text_field)
     elif recipe.recipe.eval_dataset_name:
-        evaluation = load_source(recipe.recipe.eval_dataset_name, "eval_dataset_name", split=test_split
-                                 if not os.path.isfile(os.path.expanduser(recipe.recipe.eval_dataset_name))
-                                 else "train", streaming=script.dataset_streaming)  # fmt: skip
+        evaluation = load_source(
+            recipe.recipe.eval_dataset_name,
+            "eval_dataset_name",
+            split=test_split if not os.path.isfile(os.path.expanduser(recipe.recipe.eval_dataset_name)) else "train",
+            streaming=script.dataset_streaming,
+        )
         check_columns(evaluation, recipe.task, _describe(recipe, "eval_dataset_name"), text_field)
     elif wants_eval(training):
         if test_split in splits:

@@ -28,6 +28,7 @@ from .builder import (
     build,
     check_geometry,
     check_tokenizer,
+    is_zero3,
     load_tokenizer,
     model_config_of,
     model_source,
@@ -127,22 +128,59 @@ def _reference_adapter_synced(model):
         del model.add_adapter
 
 
-def _dpo_defaults(recipe) -> None:
-    """Under ZeRO-3, DPO from an ``init_adapter`` precomputes the reference log-probs unless the recipe says.
+def register_adapters_with_zero3(model) -> int:
+    """Register every adapter tensor of every BOFT layer as a ZeRO-3 "external parameter" of that layer.
 
-    Switching between the ``default`` and ``ref`` adapters inside a step changes which parameters each module
-    fetches, which DeepSpeed ZeRO-3's prefetch trace rejects once evaluation interleaves with training ("tracing
-    error ... expected the next parameters"); precomputed reference log-probs avoid the switch.
+    A BOFT layer reads its blocks from ``ParameterDict`` children, so DeepSpeed ZeRO-3 learns which of them the
+    layer uses only when they are first read, and it checks in every later step that each module fetches the
+    parameters it recorded in the first one. DPO reads the ``default`` adapter in one pass and the reference
+    (TRL's ``ref`` adapter, or none when adapters are disabled) in another, so the sets change and ZeRO-3 stops
+    with "tracing error ... expected the next parameters in the parameter fetch queue". Registered up front, the
+    set is the same in every pass (the extra adapter copy is tiny). Returns the number of tensors registered.
     """
-    from .builder import is_zero3
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
-    training = recipe.training
-    if recipe.recipe.init_adapter and is_zero3(training) and "precompute_ref_log_probs" not in recipe.given:
-        training.precompute_ref_log_probs = True
-        from ..distributed.gather import rank
+    from ..tuner.layer import BoftLayerMixin
 
-        if rank() == 0:
-            print("boft-plugin dpo: ZeRO-3 with init_adapter: precompute_ref_log_probs=true (see docs/trl.md)")
+    count = 0
+    for layer in model.modules():
+        if isinstance(layer, BoftLayerMixin):
+            for holder in (layer.boft_R, layer.boft_s):
+                for param in holder.values():
+                    register_external_parameter(layer, param)
+                    count += 1
+    return count
+
+
+def clear_block_caches(model) -> int:
+    """Drop the BOFT layers' cached eval-mode rotation blocks; returns the number of layers cleared.
+
+    The tuner caches blocks for no-grad forwards, keyed on the parameter's version counter, but the Trainer's
+    default optimizer (``adamw_torch_fused``) updates parameters without bumping it, so an evaluation or probe
+    after a training step could reuse blocks from before the step.
+    """
+    cleared = 0
+    for module in model.modules():
+        cache = getattr(module, "_boft_block_cache", None)
+        if cache is not None and hasattr(cache, "clear"):
+            cache.clear()
+            cleared += 1
+    return cleared
+
+
+def _cache_clearing_callback():
+    from transformers import TrainerCallback
+
+    class ClearBoftBlockCaches(TrainerCallback):
+        """Clear cached rotation blocks after every optimizer step (see :func:`clear_block_caches`)."""
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if model is not None:
+                clear_block_caches(model)
+
+        on_train_begin = on_step_end
+
+    return ClearBoftBlockCaches()
 
 
 def make_trainer(recipe, built, train_dataset, eval_dataset):
@@ -158,12 +196,18 @@ def make_trainer(recipe, built, train_dataset, eval_dataset):
     if recipe.task == "sft":
         from trl import SFTTrainer
 
-        return SFTTrainer(**common)
+        trainer = SFTTrainer(**common)
+        trainer.add_callback(_cache_clearing_callback())
+        if is_zero3(recipe.training):
+            register_adapters_with_zero3(trainer.model)
+        return trainer
     from trl import DPOTrainer
 
-    _dpo_defaults(recipe)
     with _reference_adapter_synced(built.model):
         trainer = DPOTrainer(**common)
+    trainer.add_callback(_cache_clearing_callback())
+    if is_zero3(recipe.training):
+        register_adapters_with_zero3(trainer.model)  # incl. the layers TRL created and the ref adapter it added
     if recipe.script.ignore_bias_buffers:  # as TRL's dpo.py
         import torch
 
@@ -228,6 +272,7 @@ def finish(recipe, trainer, built, started: float | None = None) -> RunResult:
     output_dir = recipe.training.output_dir
     model = trainer.model_wrapped if trainer.model_wrapped is not None else trainer.model
     release_zero3_parameters(trainer)
+    clear_block_caches(trainer.model)
     from ..distributed.gather import rank, unwrap_peft_model
 
     adapter = unwrap_peft_model(model).active_adapters[0]
@@ -238,9 +283,12 @@ def finish(recipe, trainer, built, started: float | None = None) -> RunResult:
         files["merged"] = export_merged_model(model, output_dir, tokenizer=built.tokenizer)
     if recipe.recipe.probe_text:
         files["probe"] = write_probe(
-            model, built.tokenizer, recipe.recipe.probe_text, os.path.join(output_dir, PROBE_FILE),
+            model,
+            built.tokenizer,
+            recipe.recipe.probe_text,
+            os.path.join(output_dir, PROBE_FILE),
             device=trainer.accelerator.device,
-        )  # fmt: skip
+        )
     extra = {"base_model": built.base_model_path, "wall_time_s": time.time() - started if started else None}
     summary = summarize(recipe.task, trainer, files, extra)
     files["summary"] = write_summary(summary, output_dir)
