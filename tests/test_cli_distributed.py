@@ -3,7 +3,8 @@
 - DDP with torch.distributed.run: SFT, then DPO from its adapter;
 - DeepSpeed ZeRO-3 with accelerate and integrations/accelerate/zero3.yaml: SFT, then DPO from its adapter;
 - accelerate with integrations/accelerate/ddp.yaml and zero2.yaml: SFT;
-- two simulated nodes (two torch.distributed.run launchers, --nnodes 2, one rank each): SFT.
+- two simulated nodes (two torch.distributed.run launchers, --nnodes 2, one rank each): SFT;
+- FSDP2 on the CPU (torch.distributed.run with the recipe option fsdp2_pre_shard): SFT, then DPO.
 
 Every exported adapter is reloaded with stock PEFT (and the merged model with transformers) in a fresh process and
 must reproduce the logits the training run computed.
@@ -60,11 +61,13 @@ def check_reloads(*output_dirs: Path) -> None:
             assert report["merged_rel_err"] < 1e-5
 
 
-def sft_then_dpo(tmp_path: Path, launch, **sft_extra) -> tuple[dict, dict]:
+def sft_then_dpo(tmp_path: Path, launch, dpo_extra: dict | None = None, **sft_extra) -> tuple[dict, dict]:
     data = write_tiny_data(tmp_path / "data")
     sft_out, dpo_out = tmp_path / "sft", tmp_path / "dpo"
     sft = write_recipe(tmp_path / "sft.yaml", tiny_recipe("sft", sft_out, data, export_merged=True, **sft_extra))
-    dpo = write_recipe(tmp_path / "dpo.yaml", tiny_recipe("dpo", dpo_out, data, init_adapter=str(sft_out)))
+    dpo = write_recipe(
+        tmp_path / "dpo.yaml", tiny_recipe("dpo", dpo_out, data, init_adapter=str(sft_out), **(dpo_extra or {}))
+    )
     launch("sft", sft)
     launch("dpo", dpo)
     sft_summary, dpo_summary = summary(sft_out), summary(dpo_out)
@@ -123,3 +126,15 @@ def test_two_simulated_nodes_sft(tmp_path):
     run(nodes, timeout=LAUNCH_TIMEOUT, env=cpu_env(), cwd=str(REPO)).check("two-node SFT")
     assert summary(out)["world_size"] == 2
     check_reloads(out)
+
+
+def test_fsdp2_pre_shard_torchrun_sft_then_dpo(tmp_path):
+    """The CPU route to FSDP2: torch.distributed.run + fsdp2_pre_shard (accelerate's FSDP does not run on the CPU).
+
+    DPO adds the reference adapter before sharding (FSDP2 cannot take adapters added afterwards)."""
+    sft_then_dpo(
+        tmp_path,
+        lambda task, recipe: launch_torchrun(task, recipe, f"FSDP2 {task}"),
+        fsdp2_pre_shard=True,
+        dpo_extra={"fsdp2_pre_shard": True},
+    )

@@ -155,3 +155,11 @@ def test_help_lists_trl_and_boft_keys(capsys):
     out = capsys.readouterr().out
     assert "--beta" in out and "--boft_n_butterfly_factor" in out and "--init_adapter" in out
     assert cli_main(["nonsense"]) == 2
+
+
+def test_fsdp2_hook_without_the_sharding_module(monkeypatch):
+    from boft_plugin.recipes import fsdp_hook
+
+    monkeypatch.setattr(fsdp_hook.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(NotImplementedError, match="shard_for_fsdp2.*FSDP2 sharding issue"):
+        fsdp_hook.pre_shard_fsdp2(object())

@@ -31,7 +31,7 @@ _LAZY = {
     "prepare": ".train",
     "make_trainer": ".train",
     "run": ".train",
-    "sync_reference_adapter": ".train",
+    "sync_reference_adapter": ".reference",
 }
 
 __all__ = list(_LAZY)

@@ -348,5 +348,9 @@ def build(recipe, tokenizer=None) -> Built:
             from peft import get_peft_model
 
             model, peft_config = get_peft_model(model, peft_config), None
+        if recipe.task == "dpo":  # TRL would add its reference adapter after sharding, which FSDP2 cannot manage
+            from .reference import add_reference_adapter
+
+            add_reference_adapter(model)
         model = pre_shard_fsdp2(model)
     return Built(model=model, tokenizer=tokenizer, peft_config=peft_config, base_model_path=source.path)

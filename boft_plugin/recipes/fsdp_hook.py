@@ -3,9 +3,9 @@
 accelerate 1.15 does not run FSDP on the CPU (``fsdp_version: 2`` silently falls back to DDP with
 ``use_cpu: true``; DESIGN.md section 5), so on the CPU the FSDP2 route is ``torch.distributed.run`` with this
 option: the adapted ``PeftModel`` is sharded with ``fully_shard`` *after* the adapter is added (sharding first
-leaves the adapter unsynchronised) and *before* the trainer wraps it. The sharding itself is
-``boft_plugin.distributed.fsdp.shard_for_fsdp2``, written under the FSDP2 issue; until that function exists this
-hook raises ``NotImplementedError``.
+leaves the adapter unsynchronised) and *before* the trainer wraps it (the recipe then stops accelerate from wrapping
+it in DDP). The sharding itself is ``boft_plugin.distributed.fsdp.shard_for_fsdp2`` (the FSDP2 sharding issue);
+in a build without that function this hook raises ``NotImplementedError``.
 """
 
 from __future__ import annotations

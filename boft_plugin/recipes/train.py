@@ -43,8 +43,7 @@ from .outputs import (
     write_probe,
     write_summary,
 )
-
-REFERENCE_ADAPTER = "ref"
+from .reference import REFERENCE_ADAPTER, sync_reference_adapter
 
 
 @dataclass
@@ -71,36 +70,6 @@ def prepare(recipe, train_dataset=None, eval_dataset=None) -> Prepared:
     return Prepared(train, evaluation, tokenizer, model_config, peft_config, adapted)
 
 
-def sync_reference_adapter(model, adapter: str = "default", reference: str = REFERENCE_ADAPTER) -> int:
-    """Make TRL's frozen ``ref`` adapter an exact copy of ``adapter``; return the number of tensors copied.
-
-    No-op (0) when the model has no ``ref`` adapter. Raises ``RuntimeError`` if a tensor has no counterpart.
-    """
-    import torch
-
-    from ..distributed.gather import unwrap_peft_model
-
-    peft_model = unwrap_peft_model(model)
-    if reference not in peft_model.peft_config:
-        return 0
-    params = dict(peft_model.named_parameters())
-    copied = 0
-    with torch.no_grad():
-        for name, param in params.items():
-            parts = name.split(".")
-            if adapter not in parts:
-                continue
-            ref_name = ".".join(reference if part == adapter else part for part in parts)
-            if ref_name not in params:
-                raise RuntimeError(f"reference adapter has no tensor {ref_name} for {name}")
-            params[ref_name].copy_(param)
-            params[ref_name].requires_grad_(False)
-            copied += 1
-    if copied == 0:
-        raise RuntimeError(f"no '{adapter}' adapter tensors found to copy into '{reference}'")
-    return copied
-
-
 @contextlib.contextmanager
 def _reference_adapter_synced(model):
     """While TRL's ``DPOTrainer`` is built, copy ``default`` into ``ref`` right after TRL adds ``ref``.
@@ -116,6 +85,8 @@ def _reference_adapter_synced(model):
     original = model.add_adapter
 
     def add_adapter(adapter_name, peft_config, *args, **kwargs):
+        if adapter_name == REFERENCE_ADAPTER and adapter_name in model.peft_config:
+            return None  # added and synced before FSDP2 sharding (builder.add_reference_adapter)
         result = original(adapter_name, peft_config, *args, **kwargs)
         if adapter_name == REFERENCE_ADAPTER:
             sync_reference_adapter(model, reference=adapter_name)
@@ -183,6 +154,28 @@ def _cache_clearing_callback():
     return ClearBoftBlockCaches()
 
 
+def keep_fsdp2_unwrapped(trainer) -> None:
+    """Let the Trainer's accelerator take a model already sharded with FSDP2 as it is (``fsdp2_pre_shard``).
+
+    Under ``torch.distributed.run`` on the CPU accelerate prepares a MULTI_CPU run and would wrap the model in
+    DDP, which cannot hold FSDP2's DTensor parameters; FSDP2 already reduces the gradients across ranks, and the
+    data loaders are still split across ranks by accelerate.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    accelerator = trainer.accelerator
+    original = accelerator.prepare_model
+
+    def prepare_model(model, device_placement=None, evaluation_mode=False):
+        if isinstance(model, FSDPModule):
+            if model not in accelerator._models:
+                accelerator._models.append(model)
+            return model
+        return original(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
+
+    accelerator.prepare_model = prepare_model
+
+
 def make_trainer(recipe, built, train_dataset, eval_dataset):
     """TRL's ``SFTTrainer`` / ``DPOTrainer`` for ``built`` (see :func:`boft_plugin.recipes.builder.build`)."""
     common = dict(
@@ -198,6 +191,8 @@ def make_trainer(recipe, built, train_dataset, eval_dataset):
 
         trainer = SFTTrainer(**common)
         trainer.add_callback(_cache_clearing_callback())
+        if recipe.recipe.fsdp2_pre_shard:
+            keep_fsdp2_unwrapped(trainer)
         if is_zero3(recipe.training):
             register_adapters_with_zero3(trainer.model)
         return trainer
@@ -206,6 +201,8 @@ def make_trainer(recipe, built, train_dataset, eval_dataset):
     with _reference_adapter_synced(built.model):
         trainer = DPOTrainer(**common)
     trainer.add_callback(_cache_clearing_callback())
+    if recipe.recipe.fsdp2_pre_shard:
+        keep_fsdp2_unwrapped(trainer)
     if is_zero3(recipe.training):
         register_adapters_with_zero3(trainer.model)  # incl. the layers TRL created and the ref adapter it added
     if recipe.script.ignore_bias_buffers:  # as TRL's dpo.py
