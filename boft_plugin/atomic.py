@@ -1,9 +1,12 @@
-"""Atomic directory writes: a reader sees the old complete directory or the new complete one, never a mix.
+"""Atomic writes of a set of files into a directory: no file is ever seen half-written.
 
-Files are written into a hidden temporary sibling directory, flushed to disk, then swapped into place. On Linux
-the swap is one ``renameat2(RENAME_EXCHANGE)`` call; elsewhere the old directory is first renamed aside (so a
-crash between the two renames leaves it, complete, next to the target) and removed only after the new one is in
-place.
+Files are written into a hidden temporary sibling directory and flushed to disk first. Then:
+
+- a target that does not exist yet appears with one rename (all files at once);
+- into an existing target, each written entry replaces its namesake with one atomic rename (directories with
+  ``renameat2(RENAME_EXCHANGE)`` on Linux), configuration files last, and anything else already in the target
+  (a Trainer's checkpoints, logs, a tokenizer) is left alone. A crash in between leaves complete old and new
+  files side by side, never a truncated one.
 """
 
 from __future__ import annotations
@@ -20,16 +23,20 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             with open(os.path.join(dirpath, name), "rb") as handle:
                 os.fsync(handle.fileno())
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_dir(Path(dirpath))
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -44,22 +51,34 @@ def _exchange(a: Path, b: Path) -> bool:
     return result == 0
 
 
-def _swap_into_place(staging: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(staging, target)
+_WRITTEN_LAST = ("adapter_config.json", "config.json")  # readers look for these first: they go in last
+
+
+def _replace_entry(source: Path, target: Path) -> None:
+    if not source.is_dir() or not target.exists():
+        os.replace(source, target)
         return
-    if _exchange(staging, target):
-        shutil.rmtree(staging)  # now holds the previous version
+    if _exchange(source, target):
+        shutil.rmtree(source)  # now holds the previous version
         return
     aside = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
     os.rename(target, aside)
-    os.rename(staging, target)
+    os.rename(source, target)
     shutil.rmtree(aside)
+
+
+def _publish(staging: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    for name in sorted(os.listdir(staging), key=lambda n: (n in _WRITTEN_LAST, n)):
+        _replace_entry(staging / name, target / name)
+    _fsync_dir(target)
 
 
 @contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty staging directory; on normal exit it replaces ``target`` atomically.
+    """Yield an empty staging directory; on normal exit its entries are published into ``target`` atomically.
 
     On an exception the staging directory is removed and ``target`` is left exactly as it was.
     """
@@ -72,7 +91,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     try:
         yield staging
         _fsync_tree(staging)
-        _swap_into_place(staging, target)
+        _publish(staging, target)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -24,6 +24,12 @@ __all__ = ["export_adapter", "export_merged"]
 selecting_for_export: contextvars.ContextVar[bool] = contextvars.ContextVar("selecting_for_export", default=False)
 
 
+def _settle_zero3(model: nn.Module) -> None:
+    """Wait for ZeRO-3 parameters a DeepSpeed engine still has in flight (prefetched) before gathering."""
+    if hasattr(model, "empty_partition_cache"):
+        model.empty_partition_cache()
+
+
 def _block_major_keys(peft_model) -> dict[str, tuple[BoftLayerMixin, str]]:
     """State-dict keys of ``boft_R`` tensors stored block-major (FSDP2), with their layer and adapter."""
     return {
@@ -54,13 +60,15 @@ def export_adapter(
     """Write the PEFT adapter(s) of ``model`` to ``output_dir`` (``adapter_config.json`` +
     ``adapter_model.safetensors``, ``peft_type: BOFT``), gathered from whatever layout ``model`` is in.
 
-    Collective: call on every rank. Returns the directory on rank 0, None elsewhere. An existing export at
-    ``output_dir`` is replaced atomically, never half-overwritten.
+    Collective: call on every rank. Returns the directory on rank 0, None elsewhere. The files are written
+    atomically into ``output_dir`` (see :mod:`boft_plugin.atomic`): an earlier export there is replaced file by
+    file, never half-overwritten, and other files (checkpoints, logs, a tokenizer) are left alone.
 
     Args:
         model: a ``PeftModel``, possibly wrapped (DDP, DeepSpeed engine, accelerate, FSDP2 ``fully_shard``).
         adapter_names: adapters to write (default: all, laid out as PEFT's ``save_pretrained`` does).
     """
+    _settle_zero3(model)
     peft_model = unwrap_peft_model(model)
     names = list(peft_model.peft_config) if adapter_names is None else list(adapter_names)
     block_major = _block_major_keys(peft_model)
@@ -126,6 +134,7 @@ def export_merged(model: nn.Module, output_dir: str | os.PathLike, safe_serializ
     Collective: every rank calls it. Base weights are gathered one tensor at a time and only rank 0 keeps a
     (CPU) copy, so no rank holds the whole model twice. Returns the directory on rank 0, None elsewhere.
     """
+    _settle_zero3(model)
     peft_model = unwrap_peft_model(model)
     base_model = peft_model.get_base_model()
     state: dict[str, Tensor] = {}

@@ -108,3 +108,24 @@ def test_gradient_checkpointing_gives_the_same_gradients(registered):
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
+
+
+def test_eval_cache_survives_no_version_bump_updates(registered):
+    """Fused optimizers update parameters without bumping the version counter: a training forward or a mode
+    switch must drop the cache."""
+    model = _layer_model().eval()
+    layer = model.base_model.model[0]
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        before = model(x)
+    model.train()
+    model(x).sum().backward()
+    with torch.no_grad():
+        layer.boft_R["default"].data.add_(0.1 * torch.randn_like(layer.boft_R["default"]))  # no version bump
+    model.eval()
+    with torch.no_grad():
+        after = model(x)
+        layer._boft_block_cache.clear()
+        fresh = model(x)
+    assert not torch.allclose(before, after)
+    assert torch.equal(after, fresh)

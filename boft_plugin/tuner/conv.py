@@ -62,5 +62,7 @@ class BoftConv2d(nn.Module, BoftLayerMixin):
         bias = base.bias
         return base._conv_forward(x.to(weight.dtype), rotated, bias).to(previous_dtype)
 
+    train = BoftLayerMixin.train
+
     def __repr__(self) -> str:
         return "boft." + super().__repr__()

@@ -17,6 +17,7 @@ from peft.tuners.boft.layer import BOFTLayer, MultiplicativeDropoutLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
+from ..distributed.zero import zero3_pre_forward_hook
 from ..ops.butterfly import rotate_weight
 from .geometry import Geometry, GeometryError, resolve_geometry
 from .rotation import BlockCache, application_blocks, min_application_width, rotation_blocks_from
@@ -55,6 +56,7 @@ class BoftLayerMixin(BOFTLayer):
         self.boft_geometry: dict[str, Geometry] = {}
         self.boft_block_major: dict[str, bool] = {}
         self._boft_block_cache = BlockCache()
+        self.register_forward_pre_hook(zero3_pre_forward_hook)
 
     # -- subclass hooks ---------------------------------------------------------------------------------------
     def rotated_width(self) -> int:
@@ -160,7 +162,18 @@ class BoftLayerMixin(BOFTLayer):
 
         if BlockCache.usable(boft_r, p):
             return self._boft_block_cache.get(adapter_name, boft_r, dtype, width, build)
+        # a forward that may be followed by an optimizer step: fused optimizers update parameters without
+        # bumping their version counter, so nothing cached before this point may be trusted afterwards
+        self._boft_block_cache.clear()
         return build()
+
+    def train(self, mode: bool = True):
+        """``nn.Module.train`` that also drops cached blocks (a mode switch starts or ends an unchanged phase).
+
+        Subclasses list ``nn.Module`` first (as PEFT's layers do), so they bind this explicitly.
+        """
+        self._boft_block_cache.clear()
+        return nn.Module.train(self, mode)
 
     def scale_vector(self, adapter_name: str) -> Tensor:
         """``boft_s`` of ``adapter_name`` as an ``(out,)`` vector."""

@@ -60,5 +60,7 @@ class BoftLinear(nn.Module, BoftLayerMixin):
         # (result - bias) * s + bias, saving the output rather than `result` for the gradient of s
         return scale_shift(result, scale.to(result.dtype), bias).to(previous_dtype)
 
+    train = BoftLayerMixin.train
+
     def __repr__(self) -> str:
         return "boft." + super().__repr__()
