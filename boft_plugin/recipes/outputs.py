@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,32 +14,6 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_conf
 MERGED_DIR = "merged"
 PROBE_FILE = "probe_logits.pt"
 SUMMARY_FILE = "boft_run_summary.json"
-_STAGING = ".boft-adapter-export"
-
-
-def export_adapter_files(model, output_dir: str | os.PathLike, adapter_names: list[str] | None = None) -> Path | None:
-    """``boft_plugin.export_adapter`` into ``output_dir`` without touching anything else there.
-
-    ``export_adapter`` replaces its target directory as a whole (atomically), which would delete the Trainer's
-    checkpoints, logs and ``merged/`` in an ``output_dir``; so it exports into a hidden subdirectory and rank 0
-    moves the files up, weights first and ``adapter_config.json`` last (each move is an atomic rename).
-    """
-    from .. import export_adapter
-    from ..distributed.gather import barrier, rank
-
-    output_dir = Path(output_dir)
-    staging = output_dir / _STAGING
-    export_adapter(model, staging, adapter_names=adapter_names)
-    if rank() == 0:
-        names = sorted(os.listdir(staging), key=lambda name: (name == "adapter_config.json", name))
-        for name in names:
-            source, target = staging / name, output_dir / name
-            if source.is_dir():
-                shutil.rmtree(target, ignore_errors=True)
-            os.replace(source, target)
-        shutil.rmtree(staging, ignore_errors=True)
-    barrier()
-    return output_dir if rank() == 0 else None
 
 
 def export_merged_model(model, output_dir: str | os.PathLike, tokenizer=None) -> Path | None:

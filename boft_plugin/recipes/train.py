@@ -23,12 +23,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..export import export_adapter
 from .builder import (
     adapter_peft_config,
     build,
     check_geometry,
     check_tokenizer,
-    is_zero3,
     load_tokenizer,
     model_config_of,
     model_source,
@@ -37,7 +37,6 @@ from .data import is_conversational_dataset, load_recipe_data
 from .errors import RecipeError
 from .outputs import (
     PROBE_FILE,
-    export_adapter_files,
     export_merged_model,
     summarize,
     write_probe,
@@ -99,61 +98,6 @@ def _reference_adapter_synced(model):
         del model.add_adapter
 
 
-def register_adapters_with_zero3(model) -> int:
-    """Register every adapter tensor of every BOFT layer as a ZeRO-3 "external parameter" of that layer.
-
-    A BOFT layer reads its blocks from ``ParameterDict`` children, so DeepSpeed ZeRO-3 learns which of them the
-    layer uses only when they are first read, and it checks in every later step that each module fetches the
-    parameters it recorded in the first one. DPO reads the ``default`` adapter in one pass and the reference
-    (TRL's ``ref`` adapter, or none when adapters are disabled) in another, so the sets change and ZeRO-3 stops
-    with "tracing error ... expected the next parameters in the parameter fetch queue". Registered up front, the
-    set is the same in every pass (the extra adapter copy is tiny). Returns the number of tensors registered.
-    """
-    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-
-    from ..tuner.layer import BoftLayerMixin
-
-    count = 0
-    for layer in model.modules():
-        if isinstance(layer, BoftLayerMixin):
-            for holder in (layer.boft_R, layer.boft_s):
-                for param in holder.values():
-                    register_external_parameter(layer, param)
-                    count += 1
-    return count
-
-
-def clear_block_caches(model) -> int:
-    """Drop the BOFT layers' cached eval-mode rotation blocks; returns the number of layers cleared.
-
-    The tuner caches blocks for no-grad forwards, keyed on the parameter's version counter, but the Trainer's
-    default optimizer (``adamw_torch_fused``) updates parameters without bumping it, so an evaluation or probe
-    after a training step could reuse blocks from before the step.
-    """
-    cleared = 0
-    for module in model.modules():
-        cache = getattr(module, "_boft_block_cache", None)
-        if cache is not None and hasattr(cache, "clear"):
-            cache.clear()
-            cleared += 1
-    return cleared
-
-
-def _cache_clearing_callback():
-    from transformers import TrainerCallback
-
-    class ClearBoftBlockCaches(TrainerCallback):
-        """Clear cached rotation blocks after every optimizer step (see :func:`clear_block_caches`)."""
-
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if model is not None:
-                clear_block_caches(model)
-
-        on_train_begin = on_step_end
-
-    return ClearBoftBlockCaches()
-
-
 def keep_fsdp2_unwrapped(trainer) -> None:
     """Let the Trainer's accelerator take a model already sharded with FSDP2 as it is (``fsdp2_pre_shard``).
 
@@ -190,21 +134,15 @@ def make_trainer(recipe, built, train_dataset, eval_dataset):
         from trl import SFTTrainer
 
         trainer = SFTTrainer(**common)
-        trainer.add_callback(_cache_clearing_callback())
         if recipe.recipe.fsdp2_pre_shard:
             keep_fsdp2_unwrapped(trainer)
-        if is_zero3(recipe.training):
-            register_adapters_with_zero3(trainer.model)
         return trainer
     from trl import DPOTrainer
 
     with _reference_adapter_synced(built.model):
         trainer = DPOTrainer(**common)
-    trainer.add_callback(_cache_clearing_callback())
     if recipe.recipe.fsdp2_pre_shard:
         keep_fsdp2_unwrapped(trainer)
-    if is_zero3(recipe.training):
-        register_adapters_with_zero3(trainer.model)  # incl. the layers TRL created and the ref adapter it added
     if recipe.script.ignore_bias_buffers:  # as TRL's dpo.py
         import torch
 
@@ -269,11 +207,10 @@ def finish(recipe, trainer, built, started: float | None = None) -> RunResult:
     output_dir = recipe.training.output_dir
     model = trainer.model_wrapped if trainer.model_wrapped is not None else trainer.model
     release_zero3_parameters(trainer)
-    clear_block_caches(trainer.model)
     from ..distributed.gather import rank, unwrap_peft_model
 
     adapter = unwrap_peft_model(model).active_adapters[0]
-    files: dict[str, Any] = {"adapter": export_adapter_files(model, output_dir, adapter_names=[adapter])}
+    files: dict[str, Any] = {"adapter": export_adapter(model, output_dir, adapter_names=[adapter])}
     if rank() == 0:
         built.tokenizer.save_pretrained(output_dir)
     if recipe.recipe.export_merged:
