@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..export import export_adapter
+from . import checkpointing
 from .builder import (
     adapter_peft_config,
     build,
@@ -120,6 +121,13 @@ def keep_fsdp2_unwrapped(trainer) -> None:
     accelerator.prepare_model = prepare_model
 
 
+def _reliable_checkpoints(trainer, recipe) -> None:
+    checkpointing.install(trainer)
+    if recipe.recipe.fsdp2_pre_shard:
+        keep_fsdp2_unwrapped(trainer)
+        checkpointing.use_dcp_checkpoints(trainer)
+
+
 def make_trainer(recipe, built, train_dataset, eval_dataset):
     """TRL's ``SFTTrainer`` / ``DPOTrainer`` for ``built`` (see :func:`boft_plugin.recipes.builder.build`)."""
     common = dict(
@@ -134,15 +142,13 @@ def make_trainer(recipe, built, train_dataset, eval_dataset):
         from trl import SFTTrainer
 
         trainer = SFTTrainer(**common)
-        if recipe.recipe.fsdp2_pre_shard:
-            keep_fsdp2_unwrapped(trainer)
+        _reliable_checkpoints(trainer, recipe)
         return trainer
     from trl import DPOTrainer
 
     with _reference_adapter_synced(built.model):
         trainer = DPOTrainer(**common)
-    if recipe.recipe.fsdp2_pre_shard:
-        keep_fsdp2_unwrapped(trainer)
+    _reliable_checkpoints(trainer, recipe)
     if recipe.script.ignore_bias_buffers:  # as TRL's dpo.py
         import torch
 
@@ -150,12 +156,6 @@ def make_trainer(recipe, built, train_dataset, eval_dataset):
             name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
         ]
     return trainer
-
-
-def _resume_arg(value):
-    if isinstance(value, str) and value.lower() in ("true", "last", "latest"):
-        return True
-    return value or None
 
 
 @dataclass
@@ -177,7 +177,8 @@ def run(recipe, train_dataset=None, eval_dataset=None, end: bool = False) -> Run
     prepared = prepare(recipe, train_dataset, eval_dataset)
     built = build(recipe, tokenizer=prepared.tokenizer)
     trainer = make_trainer(recipe, built, prepared.train_dataset, prepared.eval_dataset)
-    trainer.train(resume_from_checkpoint=_resume_arg(recipe.training.resume_from_checkpoint))
+    resume = checkpointing.resolve_resume(recipe.training.resume_from_checkpoint, recipe.training.output_dir)
+    trainer.train(resume_from_checkpoint=resume)
     result = finish(recipe, trainer, built, started)
     if recipe.training.push_to_hub:
         trainer.push_to_hub(dataset_name=recipe.script.dataset_name)

@@ -1,0 +1,215 @@
+"""Trainer checkpoints that survive kills, and resuming from the last complete one, under any engine.
+
+The Trainer writes ``checkpoint-N/`` in place (adapter, optimizer, scheduler, RNG, DeepSpeed shards, state) and
+``resume_from_checkpoint=True`` takes the highest ``N`` found, complete or not; its own rotation may delete the
+previous checkpoint before every rank has finished the new one. Here:
+
+- :class:`CompleteCheckpoints` waits for every rank after each save, then rank 0 writes a completion marker
+  (atomically) and only then rotates (``save_total_limit`` counts complete checkpoints; the Trainer's own
+  rotation is switched off);
+- :func:`resolve_resume` picks the newest *complete* checkpoint (a run killed during a save resumes from the one
+  before), and removes incomplete ones newer than it;
+- under FSDP2 (``fsdp2_pre_shard``), :func:`use_dcp_checkpoints` saves model and optimizer state with
+  ``torch.distributed.checkpoint`` (every rank writes its shard; loading reshards, so a checkpoint written by W
+  ranks resumes on W'), next to the gathered PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from ..distributed.gather import barrier, rank, world_size
+from .errors import RecipeError
+
+COMPLETE_MARKER = "boft_checkpoint_complete.json"
+DCP_DIR = "fsdp2_dcp"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), root / name) for name in os.listdir(root) if (m := _CHECKPOINT.match(name))]
+    return sorted(p for p in found if p[1].is_dir())
+
+
+def is_complete(checkpoint: str | os.PathLike) -> bool:
+    """Whether every rank finished writing this checkpoint (its completion marker is present and readable)."""
+    marker = Path(checkpoint) / COMPLETE_MARKER
+    try:
+        return json.loads(marker.read_text()).get("complete") is True
+    except (OSError, ValueError):
+        return False
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete ``checkpoint-N`` in ``output_dir``, or None."""
+    complete = [path for _, path in _checkpoints(output_dir) if is_complete(path)]
+    return complete[-1] if complete else None
+
+
+def _write_marker(checkpoint: Path, step: int) -> None:
+    payload = {"complete": True, "step": step, "world_size": world_size(), "time": time.time()}
+    tmp = checkpoint / f".{COMPLETE_MARKER}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, checkpoint / COMPLETE_MARKER)
+
+
+def _rotate(output_dir: str | os.PathLike, keep: int | None) -> None:
+    """Keep the ``keep`` newest complete checkpoints; drop older ones and incomplete ones older than the newest."""
+    entries = _checkpoints(output_dir)
+    complete = [step for step, path in entries if is_complete(path)]
+    if not complete:
+        return
+    keep_steps = set(complete[-keep:]) if keep else set(complete)
+    for step, path in entries:
+        if step < complete[-1] and step not in keep_steps:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _callback_class():
+    from transformers import TrainerCallback
+
+    class CompleteCheckpoints(TrainerCallback):
+        """After each save: wait for all ranks, mark the checkpoint complete, then rotate (rank 0)."""
+
+        def __init__(self, keep: int | None):
+            self.keep = keep
+
+        def on_save(self, args, state, control, **kwargs):
+            barrier()
+            if rank() == 0:
+                checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                delay = float(os.environ.get("BOFT_PLUGIN_COMMIT_DELAY_S", "0") or 0)
+                if delay:  # emulate a slow shared filesystem: widens the window a kill can hit (tests use it)
+                    time.sleep(delay)
+                _write_marker(checkpoint, state.global_step)
+                _rotate(args.output_dir, self.keep)
+            barrier()
+            return control
+
+    return CompleteCheckpoints
+
+
+def _memory_callback():
+    from transformers import TrainerCallback
+
+    class LogMemory(TrainerCallback):
+        """Adds this process's resident memory (``rss_mib``) to every log entry: a long run's should stay flat."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is not None:
+                import psutil
+
+                logs["rss_mib"] = round(psutil.Process().memory_info().rss / 2**20, 1)
+
+    return LogMemory()
+
+
+def install(trainer) -> None:
+    """Make ``trainer``'s checkpoints kill-safe (see module docstring); call before ``train()``."""
+    keep = trainer.args.save_total_limit
+    trainer.args.save_total_limit = None  # rotation happens after the completion marker, in the callback
+    trainer.add_callback(_callback_class()(keep))
+    trainer.add_callback(_memory_callback())
+
+
+def resolve_resume(value, output_dir: str | os.PathLike):
+    """Turn a recipe's ``resume_from_checkpoint`` into what ``Trainer.train`` takes.
+
+    ``true`` / ``last`` / ``latest`` / ``auto``: the newest complete checkpoint in ``output_dir`` (None: start
+    from scratch). A path: used as is, but refused if incomplete. Incomplete checkpoints newer than the one
+    resumed from are removed (rank 0) so that the run can write them again.
+    """
+    if value in (None, False, "", "false", "False"):
+        return None
+    if isinstance(value, bool) or str(value).lower() in ("true", "last", "latest", "auto"):
+        chosen = last_complete_checkpoint(output_dir)
+    else:
+        chosen = Path(value)
+        if not chosen.is_dir():
+            raise RecipeError(f"resume_from_checkpoint: {chosen} does not exist")
+        if not is_complete(chosen):
+            raise RecipeError(
+                f"resume_from_checkpoint: {chosen} is incomplete (no {COMPLETE_MARKER}: the run was killed while "
+                f"writing it); resume from {last_complete_checkpoint(chosen.parent) or 'scratch'} instead, e.g. "
+                "with resume_from_checkpoint: auto"
+            )
+    if rank() == 0:
+        newest_kept = -1 if chosen is None else int(_CHECKPOINT.match(chosen.name).group(1))
+        dropped = []
+        for step, path in _checkpoints(output_dir):
+            if step > newest_kept and not is_complete(path):
+                shutil.rmtree(path, ignore_errors=True)
+                dropped.append(path.name)
+        where = f"resuming from {chosen}" if chosen else f"no complete checkpoint in {output_dir}: starting afresh"
+        note = f" (removed incomplete {', '.join(dropped)})" if dropped else ""
+        print(f"[boft-plugin] {where}{note}", flush=True)
+    barrier()
+    return None if chosen is None else str(chosen)
+
+
+def use_dcp_checkpoints(trainer) -> None:
+    """Save/load a FSDP2-sharded model's trainable state and optimizer with ``torch.distributed.checkpoint``.
+
+    Replaces the Trainer's model/optimizer (de)serialisation for this trainer only: ``save_model`` writes the
+    gathered PEFT adapter (collective), ``_save_optimizer_and_scheduler`` writes a DCP checkpoint of the adapter
+    and optimizer shards plus the scheduler, and resuming loads them back, resharding to the current world size.
+    """
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    from ..export import export_adapter
+
+    options = StateDictOptions(ignore_frozen_params=True)  # the frozen base comes from the base model, not here
+    load_options = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+    def model_and_optimizer():
+        model = trainer.model_wrapped if trainer.model_wrapped is not None else trainer.model
+        return model, trainer.optimizer
+
+    def save_model(output_dir=None, _internal_call=False):
+        export_adapter(trainer.model, output_dir or trainer.args.output_dir)
+
+    def save_optimizer_and_scheduler(output_dir):
+        model, optimizer = model_and_optimizer()
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=os.path.join(output_dir, DCP_DIR))
+        if rank() == 0 and trainer.lr_scheduler is not None:
+            torch.save(trainer.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+
+    def load_from_checkpoint(resume_from_checkpoint, model=None):
+        pass  # the adapter comes back with the optimizer, from the DCP shards (below)
+
+    def load_optimizer_and_scheduler(checkpoint):
+        if checkpoint is None:
+            return
+        model, optimizer = model_and_optimizer()
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
+        state = {"model": model_state, "optimizer": optim_state}
+        dcp.load(state, checkpoint_id=os.path.join(checkpoint, DCP_DIR))
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=load_options
+        )
+        scheduler_file = os.path.join(checkpoint, "scheduler.pt")
+        if trainer.lr_scheduler is not None and os.path.isfile(scheduler_file):
+            trainer.lr_scheduler.load_state_dict(torch.load(scheduler_file, weights_only=True))
+
+    trainer.save_model = save_model
+    trainer._save_optimizer_and_scheduler = save_optimizer_and_scheduler
+    trainer._load_from_checkpoint = load_from_checkpoint
+    trainer._load_optimizer_and_scheduler = load_optimizer_and_scheduler

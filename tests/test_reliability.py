@@ -1,0 +1,214 @@
+"""Kill-and-resume and world-size changes with real launcher process trees (gloo, 127.0.0.1).
+
+One uninterrupted reference run (DDP, 2 ranks, global batch 8, 8 steps) gives the adapter every interrupted run
+must reach. The interrupted runs are SIGKILLed (the whole launcher process tree) during a checkpoint save or
+during a training step, and resumed with ``resume_from_checkpoint: auto`` (the newest complete checkpoint), on
+the same or another number of ranks (gradient accumulation keeps the global batch at 8).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from boft_plugin.checkpoint import read_adapter
+from boft_plugin.launchers import accelerate_cmd, cpu_env, run, torchrun_cmd
+from boft_plugin.recipes.checkpointing import COMPLETE_MARKER, is_complete, last_complete_checkpoint
+from boft_plugin.recipes.toy_tasks import tiny_recipe, write_tiny_data
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(1500)]
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 420
+GLOBAL_BATCH = 8
+
+
+def recipe(tmp_path: Path, name: str, data: dict, world: int, **extra) -> str:
+    per_device = 4 if world <= 2 else 2
+    mapping = tiny_recipe(
+        "sft",
+        tmp_path / name,
+        data,
+        max_steps=8,
+        save_strategy="steps",
+        save_steps=2,
+        save_total_limit=2,
+        eval_strategy="no",
+        eval_on_start=False,
+        logging_steps=1,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=GLOBAL_BATCH // (per_device * world),
+        resume_from_checkpoint="auto",
+        probe_text=None,
+        **extra,
+    )
+    path = tmp_path / f"{name}-w{world}.yaml"
+    path.write_text(yaml.safe_dump(mapping))
+    return str(path)
+
+
+def command(config: str, world: int, engine: str) -> list[str]:
+    cli = ["boft_plugin", "sft", "--config", config]
+    if engine == "zero3":
+        return accelerate_cmd(str(REPO / "integrations/accelerate/zero3.yaml"), ["-m", *cli], num_processes=world)
+    if world == 1:
+        return [sys.executable, "-m", *cli]
+    return torchrun_cmd(cli, nproc_per_node=world, module=True)
+
+
+def kill_tree(proc: subprocess.Popen) -> int:
+    """SIGKILL a launcher and every process under it; returns how many processes were killed."""
+    victims = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    return len(victims)
+
+
+def run_and_kill(cmd: list[str], when, env: dict | None = None, log: Path | None = None) -> int:
+    """Start ``cmd``; SIGKILL its process tree as soon as ``when()`` is true. Returns the number killed."""
+    sink = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        cmd, cwd=str(REPO), env=env or cpu_env(), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not when():
+            if proc.poll() is not None:
+                raise AssertionError(f"run ended (exit {proc.returncode}) before the kill point")
+            if time.monotonic() > deadline:
+                raise AssertionError("kill point not reached in time")
+            time.sleep(0.01)
+        return kill_tree(proc)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+        if log:
+            sink.close()
+
+
+def resume(cmd: list[str], what: str) -> str:
+    return run(cmd, timeout=TIMEOUT, env=cpu_env(), cwd=str(REPO)).check(what).output
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "adapter_model.safetensors")
+
+
+def assert_same_adapter(out: Path, reference: Path) -> None:
+    got, want = adapter(out), adapter(reference)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.allclose(got[key], want[key], atol=2e-5, rtol=1e-4), key
+
+
+def complete_checkpoints_intact(out: Path) -> list[int]:
+    """Every complete checkpoint's adapter still reads (nothing complete was lost or damaged)."""
+    steps = []
+    for path in sorted(out.glob("checkpoint-*")):
+        if is_complete(path):
+            read_adapter(path)
+            steps.append(int(path.name.split("-")[1]))
+    return steps
+
+
+def ckpt_dir_exists(out: Path, step: int):
+    return lambda: (out / f"checkpoint-{step}").is_dir()
+
+
+def ckpt_complete(out: Path, step: int, then: float = 0.0):
+    state = {}
+
+    def ready():
+        if is_complete(out / f"checkpoint-{step}"):
+            state.setdefault("at", time.monotonic())
+            return time.monotonic() - state["at"] >= then
+        return False
+
+    return ready
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_tiny_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data) -> Path:
+    tmp = tmp_path_factory.mktemp("reference")
+    resume(command(recipe(tmp, "out", data, 2), 2, "ddp"), "uninterrupted reference")
+    out = tmp / "out"
+    assert complete_checkpoints_intact(out) == [6, 8]  # save_total_limit 2, counted on complete checkpoints
+    return out
+
+
+def test_ddp_kill_during_save_and_step_resume_on_1_then_2_ranks(tmp_path, data, reference):
+    out = tmp_path / "out"
+    slow_commit = cpu_env({"BOFT_PLUGIN_COMMIT_DELAY_S": "5"})
+    # 1. two ranks, killed while checkpoint-4 is being committed: checkpoint-2 is the last complete one
+    killed = run_and_kill(command(recipe(tmp_path, "out", data, 2), 2, "ddp"), ckpt_dir_exists(out, 4), slow_commit)
+    assert killed >= 3  # the launcher and its two ranks
+    assert last_complete_checkpoint(out).name == "checkpoint-2" and not is_complete(out / "checkpoint-4")
+    assert complete_checkpoints_intact(out) == [2]
+    # 2. resumed on ONE rank (gradient accumulation 2), killed during a step after checkpoint-6 completed
+    log = tmp_path / "second.log"
+    run_and_kill(command(recipe(tmp_path, "out", data, 1), 1, "ddp"), ckpt_complete(out, 6), log=log)
+    assert f"resuming from {out / 'checkpoint-2'} (removed incomplete checkpoint-4)" in log.read_text()
+    assert not (out / "adapter_model.safetensors").exists() and not is_complete(out / "checkpoint-8")
+    assert complete_checkpoints_intact(out) == [4, 6]
+    # 3. resumed on two ranks again, to the end: the same adapter as the uninterrupted run
+    output = resume(command(recipe(tmp_path, "out", data, 2), 2, "ddp"), "final resume")
+    assert f"resuming from {out / 'checkpoint-6'}" in output
+    assert_same_adapter(out, reference)
+    assert complete_checkpoints_intact(out) == [6, 8]
+
+
+def test_zero3_kill_during_save_and_resume(tmp_path, data, reference):
+    out = tmp_path / "out"
+    config = recipe(tmp_path, "out", data, 2)
+    slow_commit = cpu_env({"BOFT_PLUGIN_COMMIT_DELAY_S": "5"})
+    run_and_kill(command(config, 2, "zero3"), ckpt_dir_exists(out, 6), slow_commit)
+    assert last_complete_checkpoint(out).name == "checkpoint-4"
+    output = resume(command(config, 2, "zero3"), "ZeRO-3 resume")
+    assert f"resuming from {out / 'checkpoint-4'} (removed incomplete checkpoint-6)" in output
+    assert_same_adapter(out, reference)
+
+
+def test_fsdp2_kill_during_step_on_4_ranks_resume_on_2(tmp_path, data, reference):
+    out = tmp_path / "out"
+    run_and_kill(
+        command(recipe(tmp_path, "out", data, 4, fsdp2_pre_shard=True), 4, "fsdp2"), ckpt_complete(out, 4)
+    )
+    last = last_complete_checkpoint(out)
+    assert last is not None and (last / "fsdp2_dcp").is_dir()
+    output = resume(command(recipe(tmp_path, "out", data, 2, fsdp2_pre_shard=True), 2, "fsdp2"), "FSDP2 on 2 ranks")
+    assert f"resuming from {last}" in output
+    assert_same_adapter(out, reference)
+
+
+def test_incomplete_checkpoint_is_never_resumed_from(tmp_path):
+    from boft_plugin.recipes.checkpointing import resolve_resume
+    from boft_plugin.recipes.errors import RecipeError
+
+    for step, complete in ((2, True), (4, True), (6, False)):
+        path = tmp_path / f"checkpoint-{step}"
+        path.mkdir()
+        if complete:
+            (path / COMPLETE_MARKER).write_text('{"complete": true}')
+    with pytest.raises(RecipeError, match="checkpoint-6 is incomplete"):
+        resolve_resume(str(tmp_path / "checkpoint-6"), tmp_path)
+    assert resolve_resume("auto", tmp_path) == str(tmp_path / "checkpoint-4")
+    assert not (tmp_path / "checkpoint-6").exists()  # removed so that the resumed run can write it again
+    assert (tmp_path / "checkpoint-2").is_dir()
