@@ -107,10 +107,13 @@ def _memory_callback():
         """Adds this process's resident memory (``rss_mib``) to every log entry: a long run's should stay flat."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs is not None:
-                import psutil
+            import psutil
 
-                logs["rss_mib"] = round(psutil.Process().memory_info().rss / 2**20, 1)
+            rss = round(psutil.Process().memory_info().rss / 2**20, 1)
+            if logs is not None:
+                logs["rss_mib"] = rss
+            if state.log_history:  # the Trainer stored this entry before calling back: add it there too
+                state.log_history[-1]["rss_mib"] = rss
 
     return LogMemory()
 
