@@ -143,14 +143,14 @@ class BoftLayerMixin(BOFTLayer):
         """
         return rotation_blocks_from(self.boft_r(adapter_name), self._dropout_p(adapter_name))
 
-    def application_blocks(self, adapter_name: str, dtype: torch.dtype) -> Tensor:
+    def application_blocks(self, adapter_name: str, dtype: torch.dtype, tokens: int | None = None) -> Tensor:
         """Blocks ``(K', A, A)`` in ``dtype`` that multiply the activations (see :mod:`.rotation`)."""
         boft_r = self.boft_r(adapter_name)
         p = self._dropout_p(adapter_name)
         width = min_application_width(boft_r.device)
 
         def build() -> Tensor:
-            blocks = application_blocks(boft_r, p, width)
+            blocks = application_blocks(boft_r, p, width, tokens)
             if not torch.compiler.is_compiling() and not torch.isfinite(blocks).all():
                 raise BoftNumericsError(
                     f"BOFT adapter '{adapter_name}' of layer {getattr(self, 'boft_module_name', '?')}: the Cayley "

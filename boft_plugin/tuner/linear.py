@@ -49,7 +49,7 @@ class BoftLinear(nn.Module, BoftLayerMixin):
         # PEFT composes B = B_last ... B_first, so x @ B applies the last active adapter's rotation first.
         rotated = x
         for name in reversed(adapters):
-            rotated = rotate_activations(rotated, self.application_blocks(name, x.dtype))
+            rotated = rotate_activations(rotated, self.application_blocks(name, x.dtype, x.numel() // x.shape[-1]))
         result = self.base_layer(rotated, *args, **kwargs)
 
         scale = self.scale_vector(adapters[0])

@@ -4,7 +4,8 @@
   64 on CUDA; ``BOFT_PLUGIN_MIN_BLOCK_WIDTH`` overrides): batched matmuls of 8-wide blocks run far below the
   machine's matmul rate (measured in benchmarks/RESULTS.md).
 - With gradients, the Cayley + composition step is recomputed in backward instead of keeping its intermediates
-  (``n * Be`` elements per factor, independent of the tokens but large for big ``b * 2**(m-1)``).
+  when those (about ``m * n * Be`` elements, independent of the tokens) would outweigh one activation of the
+  layer's input (``tokens * n``); for small ``b * 2**(m-1)`` or many tokens they are simply kept.
 - Without gradients (``eval()`` + ``no_grad``), the blocks are cached while the parameter is unchanged.
 """
 
@@ -43,16 +44,18 @@ def _grouped_blocks(boft_r: Tensor, dropout_p: float, group: int) -> Tensor:
         return group_blocks(rotation_blocks_from(boft_r, dropout_p), group)
 
 
-def application_blocks(boft_r: Tensor, dropout_p: float, min_width: int) -> Tensor:
+def application_blocks(boft_r: Tensor, dropout_p: float, min_width: int, tokens: int | None = None) -> Tensor:
     """Blocks ``(K', A, A)`` to multiply the activations by: effective blocks merged to width ``A >= min_width``.
 
     Args:
         boft_r: ``(m, N, b, b)`` (a view is fine); dropout_p: ``boft_dropout`` probability to apply (0 in eval).
+        tokens: rows of activations the blocks will multiply (None: unknown, always recompute in backward).
     """
     m, n_blocks, b, _ = boft_r.shape
     effective = b * 2 ** (m - 1)
     group = application_group(n_blocks // 2 ** (m - 1), effective, min_width)
-    if m > 1 and torch.is_grad_enabled() and boft_r.requires_grad:
+    heavy = tokens is None or m * effective > tokens
+    if m > 1 and heavy and torch.is_grad_enabled() and boft_r.requires_grad:
         # keep only boft_R for backward; recompute the (token-independent, cheap) composition there
         return checkpoint(_grouped_blocks, boft_r, dropout_p, group, use_reentrant=False)
     return _grouped_blocks(boft_r, dropout_p, group)
