@@ -40,6 +40,11 @@ def merge_matrix(matrix: Tensor, boft_r: Tensor, boft_s: Tensor, inverse: bool =
     return rotate_weight(matrix, blocks) * scale
 
 
+def _all_finite(blocks: Tensor, boft_r: Tensor) -> bool:
+    # boft_R too: the Cayley map sends an infinite entry to a finite rotation, which would hide the divergence
+    return bool(torch.isfinite(blocks).all()) and bool(torch.isfinite(boft_r).all())
+
+
 class BoftNumericsError(FloatingPointError):
     """An adapter's rotation is NaN/Inf; raised instead of letting it spread through the model silently."""
 
@@ -151,7 +156,7 @@ class BoftLayerMixin(BOFTLayer):
 
         def build() -> Tensor:
             blocks = application_blocks(boft_r, p, width, tokens)
-            if not torch.compiler.is_compiling() and not torch.isfinite(blocks).all():
+            if not torch.compiler.is_compiling() and not _all_finite(blocks, boft_r):
                 raise BoftNumericsError(
                     f"BOFT adapter '{adapter_name}' of layer {getattr(self, 'boft_module_name', '?')}: the Cayley "
                     f"rotation is not finite (boft_R has {int((~torch.isfinite(boft_r)).sum())} NaN/Inf values of "
