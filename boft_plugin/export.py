@@ -30,16 +30,6 @@ def _settle_zero3(model: nn.Module) -> None:
         model.empty_partition_cache()
 
 
-def _block_major_keys(peft_model) -> dict[str, tuple[BoftLayerMixin, str]]:
-    """State-dict keys of ``boft_R`` tensors stored block-major (FSDP2), with their layer and adapter."""
-    return {
-        f"{name}.boft_R.{adapter}": (module, adapter)
-        for name, module in peft_model.named_modules()
-        if isinstance(module, BoftLayerMixin)
-        for adapter in module.boft_block_major
-    }
-
-
 def _adapter_tensors(peft_model, adapter_name: str) -> dict[str, Tensor]:
     """{model state-dict key: parameter or buffer object} of what PEFT saves for ``adapter_name``."""
     from peft.utils import get_peft_model_state_dict
@@ -71,15 +61,11 @@ def export_adapter(
     _settle_zero3(model)
     peft_model = unwrap_peft_model(model)
     names = list(peft_model.peft_config) if adapter_names is None else list(adapter_names)
-    block_major = _block_major_keys(peft_model)
     gathered: dict[str, Tensor] = {}
     for name in names:
         for key, tensor in sorted(_adapter_tensors(peft_model, name).items()):
-            if key not in gathered:
+            if key not in gathered:  # the layout of block-major (FSDP2) tensors is restored by the tuner on save
                 value = full_tensor(tensor)
-                if key in block_major:
-                    layer, adapter = block_major[key]
-                    value = layer.to_peft_layout(adapter, value)
                 gathered[key] = value.to("cpu", copy=True) if rank() == 0 else value
     target = None
     if rank() == 0:

@@ -68,3 +68,24 @@ def test_plain_save_pretrained_of_sharded_adapter_is_refused(registered, one_ran
     with pytest.raises(boft_plugin.BoftSaveError, match="export_adapter"):
         model.save_pretrained(tmp_path / "plain")
     assert not (tmp_path / "plain" / "adapter_model.safetensors").exists()
+
+
+def test_block_major_adapter_saves_and_loads_in_peft_layout(registered, tmp_path):
+    """Any PEFT save of a block-major (FSDP2-layout) adapter writes (m, N, b, b); loading transposes back."""
+    from boft_plugin.distributed.fsdp import boft_layers
+
+    model = _adapted()
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    expected = model(ids).logits.detach()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "boft_R" in k}
+    for layer in boft_layers(model):
+        layer.store_block_major("default")
+    model.save_pretrained(tmp_path / "saved")  # plain tensors: PEFT's own path
+    saved = load_file(tmp_path / "saved" / "adapter_model.safetensors")
+    for key, value in before.items():
+        assert torch.equal(saved[key.replace(".default", "")], value), key
+    model.load_adapter(tmp_path / "saved", adapter_name="again")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert not layer.boft_block_major.get("again")
+    model.set_adapter("again")
+    assert torch.allclose(model(ids).logits, expected, atol=1e-6)

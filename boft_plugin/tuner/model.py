@@ -48,6 +48,16 @@ def expected_adapter_shapes(model: nn.Module, adapter_name: str) -> dict[str, di
     return shapes
 
 
+def block_major_layers(model: nn.Module) -> dict[str, tuple[BoftLayerMixin, str]]:
+    """``{"<module path>.boft_R": (layer, adapter)}`` for every adapter stored block-major (FSDP2)."""
+    return {
+        f"{name}.boft_R": (module, adapter)
+        for name, module in model.named_modules()
+        if isinstance(module, BoftLayerMixin)
+        for adapter in module.boft_block_major
+    }
+
+
 def undo_adapter(model: nn.Module, adapter_name: str) -> None:
     """Take an injected adapter out again: layers left without adapters give their base layer back, and the
     parameters' ``requires_grad`` flags are restored to what they were before the injection."""
@@ -78,8 +88,14 @@ class BoftModel(BOFTModel):
         from ..export import selecting_for_export
 
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        if not selecting_for_export.get():
-            refuse_partitioned(selected)
+        if selecting_for_export.get():
+            return selected
+        refuse_partitioned(selected)
+        # boft_R held block-major for FSDP2 is written in PEFT's (m, N, b, b) layout
+        for prefix, (layer, name) in block_major_layers(model).items():
+            key = f"{prefix}.{name}"
+            if key in selected:
+                selected[key] = layer.to_peft_layout(name, selected[key])
         return selected
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
@@ -118,6 +134,10 @@ class BoftModel(BOFTModel):
                 f"the checkpoint for adapter '{adapter_name}' does not fit this model; the adapter was not added:\n  - "
                 + "\n  - ".join(problems)
             )
+        state_dict = dict(state_dict)
+        for prefix, (_, name) in block_major_layers(model).items():
+            if name == adapter_name and prefix in state_dict:  # PEFT's layout in the file, block-major in memory
+                state_dict[prefix] = state_dict[prefix].transpose(0, 1).contiguous()
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     def _create_and_replace(self, boft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
