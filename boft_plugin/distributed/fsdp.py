@@ -17,7 +17,7 @@ from torch import nn
 
 from ..tuner.layer import BoftLayerMixin
 
-__all__ = ["ShardingOrderError", "boft_layers", "reset_adapter_parameters", "shard_for_fsdp2"]
+__all__ = ["ShardingOrderError", "boft_layers", "reset_adapter_parameters", "shard_for_fsdp2", "store_block_major"]
 
 
 class ShardingOrderError(RuntimeError):
@@ -85,9 +85,7 @@ def shard_for_fsdp2(
             "no BOFT adapter found: add it first (boft_plugin.register(); peft.get_peft_model(...)), then shard. "
             "Adapters added after fully_shard are not managed by FSDP and drift apart across ranks"
         )
-    for layer in layers:
-        for adapter in list(layer.boft_R):
-            layer.store_block_major(adapter)
+    store_block_major(model)
 
     kwargs = dict(
         mesh=mesh,
@@ -99,6 +97,22 @@ def shard_for_fsdp2(
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def store_block_major(model: nn.Module) -> int:
+    """Hold every ``boft_R`` block-major, ``(N, m, b, b)``, so that FSDP2's ``Shard(0)`` splits the block axis.
+
+    :func:`shard_for_fsdp2` does this itself; call it before any other FSDP2 wrapping (e.g. accelerate's FSDP2
+    plugin, which shards every parameter on dim 0) and before the optimizer is built. Saves and exports keep
+    PEFT's layout. Returns the number of tensors converted.
+    """
+    converted = 0
+    for layer in boft_layers(model):
+        for adapter in list(layer.boft_R):
+            if not layer.boft_block_major.get(adapter):
+                layer.store_block_major(adapter)
+                converted += 1
+    return converted
 
 
 @torch.no_grad()

@@ -123,6 +123,10 @@ def keep_fsdp2_unwrapped(trainer) -> None:
 
 def _reliable_checkpoints(trainer, recipe) -> None:
     checkpointing.install(trainer)
+    if getattr(trainer, "is_fsdp_enabled", False):  # accelerate's FSDP2 plugin shards every parameter on dim 0
+        from ..distributed.fsdp import store_block_major
+
+        store_block_major(trainer.model)
     if recipe.recipe.fsdp2_pre_shard:
         keep_fsdp2_unwrapped(trainer)
         checkpointing.use_dcp_checkpoints(trainer)
