@@ -188,9 +188,7 @@ def test_zero3_kill_during_save_and_resume(tmp_path, data, reference):
 
 def test_fsdp2_kill_during_step_on_4_ranks_resume_on_2(tmp_path, data, reference):
     out = tmp_path / "out"
-    run_and_kill(
-        command(recipe(tmp_path, "out", data, 4, fsdp2_pre_shard=True), 4, "fsdp2"), ckpt_complete(out, 4)
-    )
+    run_and_kill(command(recipe(tmp_path, "out", data, 4, fsdp2_pre_shard=True), 4, "fsdp2"), ckpt_complete(out, 4))
     last = last_complete_checkpoint(out)
     assert last is not None and (last / "fsdp2_dcp").is_dir()
     output = resume(command(recipe(tmp_path, "out", data, 2, fsdp2_pre_shard=True), 2, "fsdp2"), "FSDP2 on 2 ranks")
