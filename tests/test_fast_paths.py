@@ -129,3 +129,23 @@ def test_eval_cache_survives_no_version_bump_updates(registered):
         fresh = model(x)
     assert not torch.allclose(before, after)
     assert torch.equal(after, fresh)
+
+
+@pytest.mark.parametrize("factors", [1, 2, 3])
+def test_inference_mode_first_then_training(registered, factors, monkeypatch):
+    """A first forward under ``torch.inference_mode`` (``generate``, PEFT's merge tests) must not poison what the
+    next training step reuses: module-level caches hold no inference tensors."""
+    monkeypatch.setattr(ops, "_POSITIONS", {})  # so this process builds the index tensors under inference mode
+    model = get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(64, 32)),
+        BOFTConfig(target_modules=["0"], boft_block_size=4, boft_n_butterfly_factor=factors, init_weights=False),
+    )
+    x = torch.randn(8, 64)
+    with torch.inference_mode():
+        before = model(x)
+    model.train()
+    out = model(x)
+    out.square().sum().backward()
+    grad = model.base_model.model[0].boft_R["default"].grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert torch.allclose(out.detach(), before, atol=1e-5)

@@ -89,3 +89,22 @@ def test_block_major_adapter_saves_and_loads_in_peft_layout(registered, tmp_path
     assert not layer.boft_block_major.get("again")
     model.set_adapter("again")
     assert torch.allclose(model(ids).logits, expected, atol=1e-6)
+
+
+def test_every_block_major_adapter_of_a_layer_exports_in_peft_layout(registered, one_rank_group, tmp_path):
+    """DPO's policy and reference adapters share each layer; both are stored block-major and both must be
+    written in PEFT's (m, N, b, b) layout, by the exporter and by a plain save."""
+    from boft_plugin.distributed.fsdp import boft_layers
+
+    model = _adapted()
+    model.add_adapter("reference", BOFTConfig(**CONFIG))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "boft_R" in k}
+    assert {k.rsplit(".", 1)[1] for k in before} == {"default", "reference"}
+    shard_for_fsdp2(model)
+    assert all(layer.boft_block_major == {"default": True, "reference": True} for layer in boft_layers(model))
+    boft_plugin.export_adapter(model, tmp_path / "export")
+    for adapter, sub in (("default", ""), ("reference", "reference")):
+        saved = load_file(tmp_path / "export" / sub / "adapter_model.safetensors")
+        for key, value in before.items():
+            if key.endswith(f".{adapter}"):
+                assert torch.equal(saved[key.removesuffix(f".{adapter}")], value), (adapter, key)

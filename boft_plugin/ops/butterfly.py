@@ -138,12 +138,20 @@ def _factor_positions(block_size: int, n_factors: int, device: torch.device) -> 
 
     Factor ``i`` is ``F_i = P D P^T`` with ``F_i[r, c] = D[perm[r], perm[c]]``, so element ``(p, q)`` of its block
     ``j`` lands at row ``inv[j*b + p]``, column ``inv[j*b + q]`` (``inv`` the inverse local permutation).
-    Cached per geometry and device.
+    Cached per geometry and device, and built outside ``torch.inference_mode`` so that a first call under
+    inference mode (PEFT's merge tests, ``generate``) does not leave an index autograd later refuses to save.
     """
     key = (block_size, n_factors, str(device))
     cached = _POSITIONS.get(key)
     if cached is not None:
         return cached
+    with torch.inference_mode(False):
+        positions = _build_positions(block_size, n_factors, device)
+    _POSITIONS[key] = positions
+    return positions
+
+
+def _build_positions(block_size: int, n_factors: int, device: torch.device) -> Tensor:
     b, per = block_size, 2 ** (n_factors - 1)
     be = b * per
     j, p, q = torch.meshgrid(torch.arange(per), torch.arange(b), torch.arange(b), indexing="ij")
@@ -151,9 +159,7 @@ def _factor_positions(block_size: int, n_factors: int, device: torch.device) -> 
     for factor in range(n_factors):
         inverse = torch.argsort(permute_last_dim(torch.arange(be), factor, b))
         rows.append((inverse[j * b + p] * be + inverse[j * b + q]).reshape(-1))
-    positions = torch.stack(rows).to(device)
-    _POSITIONS[key] = positions
-    return positions
+    return torch.stack(rows).to(device)
 
 
 def compose_effective_blocks(blocks: Tensor) -> Tensor:

@@ -48,14 +48,18 @@ def expected_adapter_shapes(model: nn.Module, adapter_name: str) -> dict[str, di
     return shapes
 
 
-def block_major_layers(model: nn.Module) -> dict[str, tuple[BoftLayerMixin, str]]:
-    """``{"<module path>.boft_R": (layer, adapter)}`` for every adapter stored block-major (FSDP2)."""
-    return {
-        f"{name}.boft_R": (module, adapter)
+def block_major_layers(model: nn.Module) -> list[tuple[str, BoftLayerMixin, str]]:
+    """``("<module path>.boft_R", layer, adapter)`` for every adapter stored block-major (FSDP2).
+
+    One entry per (layer, adapter): a layer may hold several block-major adapters (DPO's policy and reference).
+    """
+    return [
+        (f"{name}.boft_R", module, adapter)
         for name, module in model.named_modules()
         if isinstance(module, BoftLayerMixin)
-        for adapter in module.boft_block_major
-    }
+        for adapter, block_major in module.boft_block_major.items()
+        if block_major
+    ]
 
 
 def undo_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -92,7 +96,7 @@ class BoftModel(BOFTModel):
             return selected
         refuse_partitioned(selected)
         # boft_R held block-major for FSDP2 is written in PEFT's (m, N, b, b) layout
-        for prefix, (layer, name) in block_major_layers(model).items():
+        for prefix, layer, name in block_major_layers(model):
             key = f"{prefix}.{name}"
             if key in selected:
                 selected[key] = layer.to_peft_layout(name, selected[key])
@@ -135,7 +139,7 @@ class BoftModel(BOFTModel):
                 + "\n  - ".join(problems)
             )
         state_dict = dict(state_dict)
-        for prefix, (_, name) in block_major_layers(model).items():
+        for prefix, _, name in block_major_layers(model):
             if name == adapter_name and prefix in state_dict:  # PEFT's layout in the file, block-major in memory
                 state_dict[prefix] = state_dict[prefix].transpose(0, 1).contiguous()
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
