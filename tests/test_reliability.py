@@ -175,15 +175,26 @@ def test_ddp_kill_during_save_and_step_resume_on_1_then_2_ranks(tmp_path, data, 
     assert complete_checkpoints_intact(out) == [6, 8]
 
 
-def test_zero3_kill_during_save_and_resume(tmp_path, data, reference):
+def test_zero3_kill_during_save_resume_on_1_then_2_ranks(tmp_path, data, reference):
+    """ZeRO-3 partitions the optimizer per rank: another world size resumes through the universal format."""
     out = tmp_path / "out"
-    config = recipe(tmp_path, "out", data, 2)
     slow_commit = cpu_env({"BOFT_PLUGIN_COMMIT_DELAY_S": "5"})
-    run_and_kill(command(config, 2, "zero3"), ckpt_dir_exists(out, 6), slow_commit)
+    # 1. two ranks, killed while checkpoint-6 is being committed
+    run_and_kill(command(recipe(tmp_path, "out", data, 2), 2, "zero3"), ckpt_dir_exists(out, 6), slow_commit)
     assert last_complete_checkpoint(out).name == "checkpoint-4"
-    output = resume(command(config, 2, "zero3"), "ZeRO-3 resume")
-    assert f"resuming from {out / 'checkpoint-4'} (removed incomplete checkpoint-6)" in output
+    # 2. resumed on ONE rank: checkpoint-4 (2 ranks) is converted to DeepSpeed's universal format; killed during
+    #    a step after checkpoint-6 completed
+    log = tmp_path / "second.log"
+    run_and_kill(command(recipe(tmp_path, "out", data, 1), 1, "zero3"), ckpt_complete(out, 6), log=log)
+    text = log.read_text()
+    assert f"resuming from {out / 'checkpoint-4'} (removed incomplete checkpoint-6)" in text
+    assert "written by 2 ranks, resuming on 1: loading it through DeepSpeed's universal checkpoint format" in text
+    assert (out / "checkpoint-4" / "global_step4").is_dir()  # the original shards are kept as they were
+    # 3. back on two ranks to the end (checkpoint-6 was written by one rank): the uninterrupted run's adapter
+    output = resume(command(recipe(tmp_path, "out", data, 2), 2, "zero3"), "ZeRO-3 resume on 2 ranks")
+    assert f"resuming from {out / 'checkpoint-6'}" in output and "written by 1 rank, resuming on 2" in output
     assert_same_adapter(out, reference)
+    assert complete_checkpoints_intact(out) == [6, 8]
 
 
 def test_fsdp2_kill_during_step_on_4_ranks_resume_on_2(tmp_path, data, reference):

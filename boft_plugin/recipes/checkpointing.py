@@ -11,7 +11,10 @@ previous checkpoint before every rank has finished the new one. Here:
   before), and removes incomplete ones newer than it;
 - under FSDP2 (``fsdp2_pre_shard``), :func:`use_dcp_checkpoints` saves model and optimizer state with
   ``torch.distributed.checkpoint`` (every rank writes its shard; loading reshards, so a checkpoint written by W
-  ranks resumes on W'), next to the gathered PEFT adapter.
+  ranks resumes on W'), next to the gathered PEFT adapter;
+- under DeepSpeed (ZeRO-1/2/3), :func:`prepare_deepspeed_resume` converts a checkpoint written by another number
+  of ranks to DeepSpeed's universal format (``deepspeed.checkpoint.ds_to_universal``) once, next to the original,
+  and has the engine load that instead.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -216,3 +221,80 @@ def use_dcp_checkpoints(trainer) -> None:
     trainer._save_optimizer_and_scheduler = save_optimizer_and_scheduler
     trainer._load_from_checkpoint = load_from_checkpoint
     trainer._load_optimizer_and_scheduler = load_optimizer_and_scheduler
+
+
+def written_by_world_size(checkpoint: str | os.PathLike) -> int | None:
+    """How many ranks wrote ``checkpoint`` (from its completion marker; None if it does not say)."""
+    try:
+        return int(json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _convert_to_universal(checkpoint: Path, tag: str) -> None:
+    """Rank 0: ``checkpoint/<tag>`` -> ``checkpoint/<tag>_universal`` (staged, renamed into place), then
+    ``latest_universal`` naming it (what DeepSpeed reads when ``load_universal`` is on)."""
+    final = checkpoint / f"{tag}_universal"
+    if not final.is_dir():
+        staging = checkpoint / f".{tag}_universal.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(checkpoint / tag),
+            "--output_folder",
+            str(staging),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+            "--inject_missing_state",
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise RecipeError(
+                f"converting {checkpoint / tag} to DeepSpeed's universal checkpoint format (to resume on another "
+                f"number of ranks) failed with exit code {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}"
+            )
+        os.replace(staging, final)
+    tmp = checkpoint / ".latest_universal.tmp"
+    tmp.write_text(final.name)
+    os.replace(tmp, checkpoint / "latest_universal")
+
+
+def _ranks(count: int) -> str:
+    return f"{count} rank" if count == 1 else f"{count} ranks"
+
+
+def prepare_deepspeed_resume(trainer, checkpoint: str | None) -> None:
+    """Let a DeepSpeed run resume from a checkpoint written by a different number of ranks.
+
+    A ZeRO checkpoint holds one optimizer partition per rank and DeepSpeed refuses to load it on another world
+    size. Rank 0 converts it once to DeepSpeed's universal format (per-parameter fp32 weights and optimizer
+    moments, written next to the original, which is left untouched) and the engine is told to load that; the
+    Trainer then resumes as usual (scheduler, RNG, data position). Same world size: nothing to do.
+    Call before ``trainer.train``; collective (every rank calls it).
+    """
+    if checkpoint is None or not getattr(trainer, "is_deepspeed_enabled", False):
+        return
+    written_by = written_by_world_size(checkpoint)
+    if written_by is None or written_by == world_size():
+        return
+    checkpoint = Path(checkpoint)
+    try:
+        tag = (checkpoint / "latest").read_text().strip()
+    except OSError as err:
+        raise RecipeError(f"{checkpoint} has no DeepSpeed 'latest' file; it was not written under DeepSpeed") from err
+    if rank() == 0:
+        print(
+            f"[boft-plugin] {checkpoint} was written by {_ranks(written_by)}, resuming on {world_size()}: "
+            "loading it through DeepSpeed's universal checkpoint format",
+            flush=True,
+        )
+        _convert_to_universal(checkpoint, tag)
+    barrier()
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True

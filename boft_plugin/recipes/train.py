@@ -182,6 +182,7 @@ def run(recipe, train_dataset=None, eval_dataset=None, end: bool = False) -> Run
     built = build(recipe, tokenizer=prepared.tokenizer)
     trainer = make_trainer(recipe, built, prepared.train_dataset, prepared.eval_dataset)
     resume = checkpointing.resolve_resume(recipe.training.resume_from_checkpoint, recipe.training.output_dir)
+    checkpointing.prepare_deepspeed_resume(trainer, resume)
     trainer.train(resume_from_checkpoint=resume)
     result = finish(recipe, trainer, built, started)
     if recipe.training.push_to_hub:
