@@ -33,19 +33,13 @@ def main() -> None:
     from peft import BOFTConfig, get_peft_model
 
     import boft_plugin
+    from boft_plugin.distributed.engines import init_cpu_process_group, optimizer_step
     from boft_plugin.distributed.fsdp import shard_for_fsdp2
     from boft_plugin.distributed.report import adapter_shards, optimizer_state_bytes
     from boft_plugin.toy import tiny_llama
 
     distributed = args.engine != "single"
-    if args.engine.startswith("zero"):
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
-    elif distributed:
-        dist.init_process_group("gloo")
-    rank = dist.get_rank() if distributed else 0
-    world = dist.get_world_size() if distributed else 1
+    rank, world = init_cpu_process_group(args.engine)
     boft_plugin.register()
     model = tiny_llama(
         seed=0,
@@ -87,13 +81,7 @@ def main() -> None:
     for step in range(args.steps + 1):
         start = time.perf_counter()
         loss = runner(input_ids=ids, labels=ids).loss
-        if engine is not None:
-            engine.backward(loss)
-            engine.step()
-        else:
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        optimizer_step(loss, optimizer, engine)
         if distributed:
             dist.barrier()
         if step:  # the first step is warm-up

@@ -76,18 +76,12 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     import boft_plugin
+    from boft_plugin.distributed.engines import init_cpu_process_group, optimizer_step
     from boft_plugin.distributed.fsdp import shard_for_fsdp2
     from boft_plugin.distributed.report import adapter_shards
 
     distributed = args.engine != "single"
-    if args.engine.startswith("zero"):
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
-    elif distributed:
-        dist.init_process_group("gloo")
-    rank = dist.get_rank() if distributed else 0
-    world = dist.get_world_size() if distributed else 1
+    rank, world = init_cpu_process_group(args.engine)
     boft_plugin.register()
 
     for factors in [int(f) for f in args.factors.split(",")]:
@@ -143,13 +137,7 @@ def main() -> None:
         runner.train()
         for _ in range(args.steps):
             loss = runner(input_ids=local, labels=local).loss
-            if engine is not None:
-                engine.backward(loss)
-                engine.step()
-            else:
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            optimizer_step(loss, optimizer, engine)
             value = loss.detach().clone()
             if distributed:
                 dist.all_reduce(value)
