@@ -44,13 +44,18 @@ def _checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(p for p in found if p[1].is_dir())
 
 
+def _read_marker(checkpoint: str | os.PathLike) -> dict:
+    """The checkpoint's completion marker ({} when absent or unreadable)."""
+    try:
+        marker = json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
 def is_complete(checkpoint: str | os.PathLike) -> bool:
     """Whether every rank finished writing this checkpoint (its completion marker is present and readable)."""
-    marker = Path(checkpoint) / COMPLETE_MARKER
-    try:
-        return json.loads(marker.read_text()).get("complete") is True
-    except (OSError, ValueError):
-        return False
+    return _read_marker(checkpoint).get("complete") is True
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -59,14 +64,19 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return complete[-1] if complete else None
 
 
-def _write_marker(checkpoint: Path, step: int) -> None:
-    payload = {"complete": True, "step": step, "world_size": world_size(), "time": time.time()}
-    tmp = checkpoint / f".{COMPLETE_MARKER}.tmp"
+def _replace_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a flushed temporary sibling renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as handle:
-        json.dump(payload, handle)
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, checkpoint / COMPLETE_MARKER)
+    os.replace(tmp, path)
+
+
+def _write_marker(checkpoint: Path, step: int) -> None:
+    payload = {"complete": True, "step": step, "world_size": world_size(), "time": time.time()}
+    _replace_file(checkpoint / COMPLETE_MARKER, json.dumps(payload))
 
 
 def _rotate(output_dir: str | os.PathLike, keep: int | None) -> None:
@@ -226,43 +236,44 @@ def use_dcp_checkpoints(trainer) -> None:
 def written_by_world_size(checkpoint: str | os.PathLike) -> int | None:
     """How many ranks wrote ``checkpoint`` (from its completion marker; None if it does not say)."""
     try:
-        return int(json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text())["world_size"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(_read_marker(checkpoint)["world_size"])
+    except (KeyError, ValueError, TypeError):
         return None
 
 
 def _convert_to_universal(checkpoint: Path, tag: str) -> None:
-    """Rank 0: ``checkpoint/<tag>`` -> ``checkpoint/<tag>_universal`` (staged, renamed into place), then
-    ``latest_universal`` naming it (what DeepSpeed reads when ``load_universal`` is on)."""
+    """Rank 0: ``checkpoint/<tag>`` -> ``checkpoint/<tag>_universal`` (written through :mod:`boft_plugin.atomic`),
+    then ``latest_universal`` naming it (what DeepSpeed reads when ``load_universal`` is on)."""
+    from ..atomic import atomic_directory
+
     final = checkpoint / f"{tag}_universal"
     if not final.is_dir():
-        staging = checkpoint / f".{tag}_universal.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "deepspeed.checkpoint.ds_to_universal",
-            "--input_folder",
-            str(checkpoint / tag),
-            "--output_folder",
-            str(staging),
-            "--num_extract_workers",
-            "1",
-            "--num_merge_workers",
-            "1",
-            "--inject_missing_state",
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise RecipeError(
-                f"converting {checkpoint / tag} to DeepSpeed's universal checkpoint format (to resume on another "
-                f"number of ranks) failed with exit code {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}"
-            )
-        os.replace(staging, final)
-    tmp = checkpoint / ".latest_universal.tmp"
-    tmp.write_text(final.name)
-    os.replace(tmp, checkpoint / "latest_universal")
+        with atomic_directory(final) as staging:
+            _run_ds_to_universal(checkpoint / tag, staging)
+    _replace_file(checkpoint / "latest_universal", final.name)
+
+
+def _run_ds_to_universal(source: Path, output: Path) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(source),
+        "--output_folder",
+        str(output),
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+        "--inject_missing_state",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RecipeError(
+            f"converting {source} to DeepSpeed's universal checkpoint format (to resume on another number of "
+            f"ranks) failed with exit code {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}"
+        )
 
 
 def _ranks(count: int) -> str:
