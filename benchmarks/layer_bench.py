@@ -13,7 +13,7 @@ from torch import nn
 
 from .common import log
 from .harness import RunOptions, Workload, run_case
-from .methods import Method, StockEstimator, apply_method, layer_methods, stock_extra_flops
+from .methods import Method, StockEstimator, apply_method, boft_fits, layer_methods, stock_extra_flops
 from .report import add_ratios
 
 
@@ -79,7 +79,7 @@ def _builder(case: LayerCase, opts: RunOptions):
 
 def run_layer_case(case: LayerCase, factors: list[int], opts: RunOptions, estimator: StockEstimator) -> dict:
     """All methods on one case; returns ``{"case": ..., "rows": [...], "lora_by_m": {...}}``."""
-    valid = [m for m in factors if case.in_features % (case.block_size * 2 ** (m - 1)) == 0]
+    valid = [m for m in factors if boft_fits(case.in_features, case.block_size, m)]
     methods, lora_by_m = layer_methods(case.in_features, case.out_features, case.block_size, valid)
     log(f"  {case.title}")
     rows = run_case(

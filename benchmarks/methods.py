@@ -21,6 +21,7 @@ from torch import nn
 
 import boft_plugin
 from boft_plugin.stock_peft import stock_peft_boft
+from boft_plugin.tuner.geometry import GeometryError, resolve_geometry
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,19 @@ def trainable_params(model: nn.Module) -> int:
 
 
 # -- parameter matching ----------------------------------------------------------------------------------------
+def boft_fits(width: int, block_size: int, m: int) -> bool:
+    """Whether BOFT with block size ``block_size`` and ``m`` factors fits a layer of input width ``width``."""
+    try:
+        resolve_geometry(width, block_size, 0, m)
+    except GeometryError:
+        return False
+    return True
+
+
 def boft_params(in_features: int, out_features: int, block_size: int, m: int) -> int:
-    """``boft_R`` (m, in/b, b, b) plus ``boft_s`` (out, 1)."""
-    return m * in_features * block_size + out_features
+    """``boft_R`` (m, N, b, b) plus ``boft_s`` (out, 1), sized by the tuner's own geometry."""
+    shape = resolve_geometry(in_features, block_size, 0, m).param_shape
+    return shape[0] * shape[1] * shape[2] * shape[3] + out_features
 
 
 def matched_lora_rank(target_params: int, fan_sum: int) -> int:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .common import log
 from .harness import RunOptions, Workload, run_case
-from .methods import Method, StockEstimator, apply_method, model_methods, stock_extra_flops
+from .methods import Method, StockEstimator, apply_method, boft_fits, model_methods, stock_extra_flops
 from .report import add_ratios
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -106,7 +106,7 @@ def _builder(case: ModelCase, opts: RunOptions):
 
 def run_model_case(case: ModelCase, factors: list[int], opts: RunOptions, estimator: StockEstimator) -> dict:
     shapes = adapted_linear_shapes(case.build_base())
-    valid = [m for m in factors if all(i % (case.block_size * 2 ** (m - 1)) == 0 for i, _ in shapes)]
+    valid = [m for m in factors if all(boft_fits(i, case.block_size, m) for i, _ in shapes)]
     methods, lora_by_m = model_methods(shapes, case.block_size, valid)
     tokens = case.seq * case.batch
     log(f"  {case.title}")

@@ -33,10 +33,9 @@ def main() -> None:
     from peft import BOFTConfig, get_peft_model
 
     import boft_plugin
-    from boft_plugin.distributed.engines import init_cpu_process_group, optimizer_step
-    from boft_plugin.distributed.fsdp import shard_for_fsdp2
     from boft_plugin.distributed.report import adapter_shards, optimizer_state_bytes
-    from boft_plugin.toy import tiny_llama
+    from boft_plugin.testing.engines import init_cpu_process_group, optimizer_step, wrap_for_engine
+    from boft_plugin.tiny_models import tiny_llama
 
     distributed = args.engine != "single"
     rank, world = init_cpu_process_group(args.engine)
@@ -55,26 +54,7 @@ def main() -> None:
     )
     model = get_peft_model(model, config)
     total_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    engine = None
-    runner = model
-    if args.engine in ("zero2", "zero3"):
-        import deepspeed
-
-        ds = {
-            "train_micro_batch_size_per_gpu": args.micro_batch,
-            "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": 2 if args.engine == "zero2" else 3},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9,
-        }
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
-        runner = engine
-    elif args.engine == "ddp":
-        runner = torch.nn.parallel.DistributedDataParallel(model)
-    elif args.engine == "fsdp2":
-        runner = shard_for_fsdp2(model)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    runner, optimizer, engine = wrap_for_engine(args.engine, model, 1e-4, args.micro_batch, world)
 
     ids = torch.randint(0, 1024, (args.micro_batch, args.seq), generator=torch.Generator().manual_seed(rank))
     times = []

@@ -1,4 +1,4 @@
-"""Atomic writes of a set of files into a directory: no file is ever seen half-written.
+"""Atomic writes of one file or of a set of files into a directory: no file is ever seen half-written.
 
 Files are written into a hidden temporary sibling directory and flushed to disk first. Then:
 
@@ -95,3 +95,30 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path to write one file to; on normal exit it is flushed and renamed over ``target``.
+
+    On an exception the temporary file is removed and ``target`` is left exactly as it was.
+    """
+    target = Path(target).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield staging
+        with open(staging, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(staging, target)
+        _fsync_dir(target.parent)
+    finally:
+        if staging.exists():
+            staging.unlink()
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``target`` atomically (see :func:`atomic_file`)."""
+    with atomic_file(target) as staging:
+        staging.write_text(text)
+    return Path(target)

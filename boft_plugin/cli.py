@@ -38,7 +38,7 @@ def _train(task: str, argv: list[str]) -> int:
 
 def _verify(argv: list[str]) -> int:
     """Reload runs' adapters with stock PEFT (and merged/ with transformers) in this process and compare logits."""
-    from .recipes.verify import DEFAULT_TOLERANCE, check_report, verify_outputs
+    from .recipes.verify import DEFAULT_TOLERANCE, VerifyError, check_report, verify_outputs
 
     parser = argparse.ArgumentParser(prog="boft-plugin verify", description=_verify.__doc__)
     parser.add_argument("output_dirs", nargs="+", help="runs' output_dir (adapter files and probe_logits.pt)")
@@ -54,7 +54,11 @@ def _verify(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     failed = False
     for output_dir in args.output_dirs:
-        report = verify_outputs(output_dir, base_model=args.base_model, merged=args.merged)
+        try:
+            report = verify_outputs(output_dir, base_model=args.base_model, merged=args.merged)
+        except VerifyError as err:
+            print(f"boft-plugin verify: error: {err}", file=sys.stderr)
+            return 2
         problems = check_report(report, args.tolerance)
         report["ok"] = not problems
         report["problems"] = problems

@@ -2,7 +2,7 @@
 
     python -m boft_plugin.main_job [--workdir DIR]      (or: boft-plugin demo)
 
-1. a tiny Llama "pretrained" locally to copy strings, with a local character tokenizer (``toy_tasks``);
+1. a tiny Llama "pretrained" locally to copy strings, with a local character tokenizer (``synthetic_tasks``);
 2. a small SFT set (reverse the string, chat ``messages``) and a preference set (reversed over copied);
 3. ``boft-plugin sft`` then ``boft-plugin dpo`` (starting from the SFT adapter) as recipes written to the
    workdir, each on 2 ranks with ``torch.distributed.run`` (gloo, 127.0.0.1), BOFT with 2 butterfly factors;
@@ -25,7 +25,7 @@ from pathlib import Path
 BOFT = {"boft_block_size": 4, "boft_n_butterfly_factor": 2, "boft_target_modules": ["all-linear"], "boft_dropout": 0.0}
 COMMON = {
     "bf16": False,  # CPU demo; TRL's default is bf16: true
-    "gradient_checkpointing": False,
+    "activation_checkpointing": False,
     "report_to": "none",
     "save_strategy": "no",
     "max_length": 64,
@@ -52,7 +52,7 @@ def _write_yaml(path: Path, recipe: dict) -> Path:
 
 def prepare_workdir(workdir: Path, base_steps: int, sft_steps: int, dpo_steps: int) -> dict[str, Path]:
     """Base model, data and the two recipes, written to ``workdir``."""
-    from .recipes.toy_tasks import make_toy_base, preference_examples, sft_examples, write_jsonl
+    from .synthetic_tasks import make_toy_base, preference_examples, sft_examples, write_jsonl
 
     data = workdir / "data"
     paths = {
@@ -135,8 +135,8 @@ def _fmt(value, digits: int = 4) -> str:
 
 def summarize(sft: dict, dpo: dict, reports: list[dict], files: list[Path], wall: float, nproc: int) -> tuple:
     """(summary text, list of failed checks)."""
-    sft_before, sft_after = sft["eval_before"], sft["eval_after"]
-    dpo_before, dpo_after = dpo["eval_before"], dpo["eval_after"]
+    sft_before, sft_after = sft["eval_first"], sft["eval_last"]
+    dpo_before, dpo_after = dpo["eval_first"], dpo["eval_last"]
     failures = []
     if not sft_after["eval_loss"] < sft_before["eval_loss"]:
         failures.append("SFT did not lower the evaluation loss")
@@ -161,7 +161,7 @@ def summarize(sft: dict, dpo: dict, reports: list[dict], files: list[Path], wall
     ]
     for report, name in zip(reports, ("SFT", "DPO")):
         lines.append(
-            f"  {name}: adapter {report['adapter_rel_err']:.2e} ({report['stock_layer']}, "
+            f"  {name}: adapter {report['oracle_rel_err']:.2e} ({report['stock_layer']}, "
             f"m={report['n_butterfly_factor']}), merged {report.get('merged_rel_err', float('nan')):.2e}"
         )
     lines.append("Files:")

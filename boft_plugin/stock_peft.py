@@ -3,7 +3,7 @@
 PEFT builds its m > 1 block-diagonal with a CUDA extension (``fbd_cuda``); where that cannot build it warns and
 silently uses one butterfly factor. For comparisons (tests, benchmarks, reload checks of exported adapters)
 :func:`stock_peft_boft` makes PEFT believe the extension loaded and replaces its block-diagonal with
-``torch.block_diag`` per factor, so PEFT's real dense m-factor maths runs anywhere (DESIGN.md section 3).
+``torch.block_diag`` per factor, so PEFT's real dense m-factor maths runs anywhere (docs/design.md, "Oracle").
 It also routes ``BOFT`` to PEFT's tuner for the duration. Not for training: it is PEFT's slow dense path.
 """
 

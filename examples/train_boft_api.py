@@ -18,8 +18,8 @@ from peft import get_peft_model
 import boft_plugin
 from boft_plugin.recipes import build, parse_recipe
 from boft_plugin.recipes.outputs import write_probe
-from boft_plugin.recipes.toy_tasks import sft_examples
 from boft_plugin.recipes.verify import check_report, verify_in_fresh_process
+from boft_plugin.synthetic_tasks import sft_examples
 
 
 def main() -> int:
@@ -79,7 +79,7 @@ def main() -> int:
     # 5. reload with stock PEFT (m=2 really runs) and plain transformers in a fresh process; compare logits.
     (report,) = verify_in_fresh_process(adapter_dir)
     print(
-        f"stock PEFT reload: max relative logit error {report['adapter_rel_err']:.2e} "
+        f"stock PEFT reload: max relative logit error {report['oracle_rel_err']:.2e} "
         f"(m={report['n_butterfly_factor']}), merged {report['merged_rel_err']:.2e}"
     )
     return 1 if check_report(report) else 0

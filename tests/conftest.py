@@ -9,6 +9,7 @@ import torch
 from peft import BOFTConfig, get_peft_model
 
 import boft_plugin
+from boft_plugin.ops.compare import max_relative_error
 from boft_plugin.stock_peft import stock_peft_boft
 
 
@@ -53,5 +54,4 @@ def build_pair(base: torch.nn.Module, config_kwargs: dict, multi_factor: bool = 
     return stock, ours
 
 
-def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+max_rel_err = max_relative_error

@@ -10,9 +10,9 @@ from peft import BOFTConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import boft_plugin
-from boft_plugin.checkpoint import BoftCheckpointError, load_adapter
+from boft_plugin.adapter_loading import BoftCheckpointError, load_adapter
 from boft_plugin.stock_peft import stock_peft_boft
-from boft_plugin.toy import tiny_llama
+from boft_plugin.tiny_models import tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 IDS = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))

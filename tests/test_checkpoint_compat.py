@@ -1,4 +1,4 @@
-"""Adapters move both ways between boft_plugin and stock PEFT, file for file (DESIGN.md section 1)."""
+"""Adapters move both ways between boft_plugin and stock PEFT, file for file (docs/design.md, "Checkpoint contract")."""
 
 import json
 
@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import boft_plugin
 from boft_plugin.stock_peft import stock_peft_boft
-from boft_plugin.toy import tiny_llama
+from boft_plugin.tiny_models import tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

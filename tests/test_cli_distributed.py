@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from boft_plugin.launchers import accelerate_cmd, cpu_env, free_port, run, torchrun_cmd
-from boft_plugin.recipes.toy_tasks import tiny_recipe, write_tiny_data
 from boft_plugin.recipes.verify import verify_in_fresh_process
+from boft_plugin.testing.recipes import tiny_recipe, write_tiny_data
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "integrations" / "accelerate"
@@ -56,7 +56,7 @@ def check_reloads(*output_dirs: Path) -> None:
     for report in verify_in_fresh_process(*output_dirs, timeout=300):
         assert report["ok"], report
         assert report["n_butterfly_factor"] == 2
-        assert report["adapter_rel_err"] < 1e-5
+        assert report["oracle_rel_err"] < 1e-5
         if "merged_rel_err" in report:
             assert report["merged_rel_err"] < 1e-5
 
@@ -72,7 +72,7 @@ def sft_then_dpo(tmp_path: Path, launch, dpo_extra: dict | None = None, **sft_ex
     launch("dpo", dpo)
     sft_summary, dpo_summary = summary(sft_out), summary(dpo_out)
     assert sft_summary["world_size"] == dpo_summary["world_size"] == 2  # really distributed, not 2 lone ranks
-    assert sft_summary["eval_after"]["eval_loss"] < sft_summary["eval_before"]["eval_loss"]
+    assert sft_summary["eval_last"]["eval_loss"] < sft_summary["eval_first"]["eval_loss"]
     margins = dpo_summary["eval_margins"]
     assert margins[0][1] == 0.0 and margins[-1][1] > 0.0  # reference == SFT adapter at the start; margin rises
     check_reloads(sft_out, dpo_out)

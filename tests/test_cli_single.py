@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from boft_plugin.launchers import accelerate_cmd, cpu_env, run
-from boft_plugin.recipes.toy_tasks import tiny_recipe, write_tiny_data
 from boft_plugin.recipes.verify import verify_in_fresh_process
+from boft_plugin.testing.recipes import tiny_recipe, write_tiny_data
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(600)
@@ -44,13 +44,13 @@ def test_cli_sft_then_dpo_single_process(tmp_path):
 
     sft, dpo = summary(sft_out), summary(dpo_out)
     assert sft["world_size"] == dpo["world_size"] == 1
-    assert sft["eval_after"]["eval_loss"] < sft["eval_before"]["eval_loss"]
+    assert sft["eval_last"]["eval_loss"] < sft["eval_first"]["eval_loss"]
     assert dpo["eval_margins"][0][1] == 0.0 and dpo["eval_margins"][-1][1] > 0.0  # the margin rises
 
     for report in verify_in_fresh_process(sft_out, dpo_out, timeout=300):
         assert report["ok"], report
         assert report["n_butterfly_factor"] == 2 and report["stock_layer"].startswith("peft.tuners.boft")
-        assert report["adapter_rel_err"] < 1e-5 and report["merged_rel_err"] < 1e-5
+        assert report["oracle_rel_err"] < 1e-5 and report["merged_rel_err"] < 1e-5
 
 
 def test_cli_error_exit_code_in_a_fresh_process(tmp_path):

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from boft_plugin.launchers import cpu_env, run, torchrun_cmd
-from boft_plugin.toy import tiny_llama
+from boft_plugin.tiny_models import tiny_llama
 
 pytestmark = pytest.mark.distributed
 

@@ -8,8 +8,8 @@ import torch
 from peft import BOFTConfig, get_peft_model
 
 from boft_plugin.ops import butterfly as ops
-from boft_plugin.toy import tiny_llama
-from boft_plugin.tuner.rotation import application_blocks, rotation_blocks_from
+from boft_plugin.tiny_models import tiny_llama
+from boft_plugin.tuner.rotation import application_blocks, effective_blocks_from
 
 
 def _layer_model(width=64, out=48, bias=True, **kw):
@@ -23,7 +23,7 @@ def _layer_model(width=64, out=48, bias=True, **kw):
 def test_grouped_application_blocks_are_the_same_rotation(factors, min_width):
     boft_r = 0.2 * torch.randn(factors, 32, 4, 4, dtype=torch.float64)
     grouped = application_blocks(boft_r, 0.0, min_width)
-    effective = rotation_blocks_from(boft_r)
+    effective = effective_blocks_from(boft_r)
     assert grouped.shape[-1] >= min(min_width, 128) or grouped.shape[0] == 1
     assert torch.equal(torch.block_diag(*grouped), torch.block_diag(*effective))
 

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from boft_plugin.launchers import cpu_env, run, torchrun_cmd
-from boft_plugin.recipes.checkpointing import is_complete
-from boft_plugin.recipes.toy_tasks import tiny_recipe, write_tiny_data
+from boft_plugin.recipes.checkpoints import is_complete
+from boft_plugin.testing.recipes import tiny_recipe, write_tiny_data
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -34,6 +34,6 @@ def test_main_job_passes(tmp_path):
     assert (workdir / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     reports = json.loads((workdir / "summary.json").read_text())
     assert reports["failures"] == [] and len(reports["reports"]) == 2
-    assert all(r["n_butterfly_factor"] == 2 and r["adapter_rel_err"] < 1e-5 for r in reports["reports"])
+    assert all(r["n_butterfly_factor"] == 2 and r["oracle_rel_err"] < 1e-5 for r in reports["reports"])
     dpo = json.loads((workdir / "dpo" / "boft_run_summary.json").read_text())
     assert dpo["world_size"] == 2 and dpo["eval_margins"][-1][1] > dpo["eval_margins"][0][1]

@@ -5,7 +5,7 @@ import torch
 from peft.tuners.boft.layer import BOFTLayer
 
 from boft_plugin.ops import butterfly as ops
-from boft_plugin.ops import reference as ref
+from boft_plugin.testing import dense_reference as ref
 
 # (width, block size, factors): powers of two, a non-power of two (1376 = 2**5 * 43), odd half-blocks (b = 6).
 GEOMETRIES = [(32, 2, 3), (64, 4, 2), (64, 8, 1), (128, 8, 4), (48, 6, 2), (1376, 4, 4), (1376, 86, 2), (256, 2, 6)]

@@ -1,4 +1,4 @@
-"""Outputs and gradients equal PEFT's own BOFT maths run at m > 1 on the CPU (DESIGN.md section 3)."""
+"""Outputs and gradients equal PEFT's own BOFT maths run at m > 1 on the CPU (docs/design.md, "Oracle")."""
 
 import pytest
 import torch

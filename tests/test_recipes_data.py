@@ -6,9 +6,10 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from boft_plugin.recipes import RecipeError, load_recipe_data, parse_recipe
-from boft_plugin.recipes.builder import check_tokenizer, load_tokenizer, model_config_of
 from boft_plugin.recipes.data import check_columns, is_conversational_dataset
-from boft_plugin.recipes.toy_tasks import preference_examples, sft_examples, tiny_recipe, write_tiny_data
+from boft_plugin.recipes.model_source import check_tokenizer, load_tokenizer, model_config_of
+from boft_plugin.synthetic_tasks import preference_examples, sft_examples
+from boft_plugin.testing.recipes import tiny_recipe, write_tiny_data
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -7,10 +7,11 @@ import yaml
 
 from boft_plugin.cli import main as cli_main
 from boft_plugin.recipes import RecipeError, parse_recipe
-from boft_plugin.recipes.builder import check_geometry, model_config_of
+from boft_plugin.recipes.geometry_check import check_geometry
+from boft_plugin.recipes.model_source import model_config_of
 from boft_plugin.recipes.parsing import cpu_launch_defaults, recipe_keys
-from boft_plugin.recipes.toy_tasks import tiny_recipe, write_tiny_data
 from boft_plugin.recipes.train import prepare
+from boft_plugin.testing.recipes import tiny_recipe, write_tiny_data
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -38,7 +39,6 @@ def test_yaml_values_and_flag_overrides(tmp_path, data):
     assert recipe.training.learning_rate == pytest.approx(1e-2)
     assert recipe.boft.boft_target_modules == ["all-linear"]
     assert recipe.boft.to_peft_config().target_modules == "all-linear"
-    assert {"max_steps", "boft_block_size", "learning_rate"} <= recipe.given
 
 
 def test_every_trl_key_is_a_recipe_key():
@@ -155,11 +155,3 @@ def test_help_lists_trl_and_boft_keys(capsys):
     out = capsys.readouterr().out
     assert "--beta" in out and "--boft_n_butterfly_factor" in out and "--init_adapter" in out
     assert cli_main(["nonsense"]) == 2
-
-
-def test_fsdp2_hook_without_the_sharding_module(monkeypatch):
-    from boft_plugin.recipes import fsdp_hook
-
-    monkeypatch.setattr(fsdp_hook.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(NotImplementedError, match="shard_for_fsdp2.*FSDP2 sharding issue"):
-        fsdp_hook.pre_shard_fsdp2(object())

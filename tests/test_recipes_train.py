@@ -13,8 +13,9 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 from boft_plugin.recipes import build, make_trainer, parse_recipe, prepare, run
-from boft_plugin.recipes.toy_tasks import sft_examples, tiny_recipe, write_tiny_data
 from boft_plugin.recipes.train import finish
+from boft_plugin.synthetic_tasks import sft_examples
+from boft_plugin.testing.recipes import tiny_recipe, write_tiny_data
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -44,7 +45,7 @@ def test_sft_summary_and_exports(sft_run):
     root, _, result = sft_run
     out = root / "sft"
     summary = json.loads((out / "boft_run_summary.json").read_text())
-    assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"]
+    assert summary["eval_last"]["eval_loss"] < summary["eval_first"]["eval_loss"]
     assert {"adapter_config.json", "adapter_model.safetensors", "probe_logits.pt", "tokenizer.json"} <= {
         p.name for p in out.iterdir()
     }

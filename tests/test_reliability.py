@@ -22,10 +22,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from boft_plugin.checkpoint import read_adapter
+from boft_plugin.adapter_loading import read_adapter
 from boft_plugin.launchers import accelerate_cmd, cpu_env, run, torchrun_cmd
-from boft_plugin.recipes.checkpointing import COMPLETE_MARKER, is_complete, last_complete_checkpoint
-from boft_plugin.recipes.toy_tasks import tiny_recipe, write_tiny_data
+from boft_plugin.recipes.checkpoints import COMPLETE_MARKER, is_complete, last_complete_checkpoint
+from boft_plugin.testing.recipes import tiny_recipe, write_tiny_data
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(1500)]
 
@@ -208,7 +208,7 @@ def test_fsdp2_kill_during_step_on_4_ranks_resume_on_2(tmp_path, data, reference
 
 
 def test_incomplete_checkpoint_is_never_resumed_from(tmp_path):
-    from boft_plugin.recipes.checkpointing import resolve_resume
+    from boft_plugin.recipes.checkpoints import resolve_resume
     from boft_plugin.recipes.errors import RecipeError
 
     for step, complete in ((2, True), (4, True), (6, False)):

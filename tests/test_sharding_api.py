@@ -10,7 +10,7 @@ import boft_plugin
 from boft_plugin.distributed.fsdp import ShardingOrderError, shard_for_fsdp2
 from boft_plugin.distributed.report import adapter_shards, format_shards
 from boft_plugin.launchers import free_port
-from boft_plugin.toy import tiny_llama
+from boft_plugin.tiny_models import tiny_llama
 
 CONFIG = dict(target_modules=["q_proj", "down_proj"], boft_block_size=4, boft_n_butterfly_factor=2, init_weights=False)
 

@@ -90,7 +90,7 @@ def test_adapters_with_different_geometries_on_one_layer(registered):
     # equals applying "other" first, then "default", by hand (PEFT's order), scales multiplied
     manual = x
     for name in ("other", "default"):
-        manual = manual @ torch.block_diag(*layer.rotation_blocks(name))
+        manual = manual @ torch.block_diag(*layer.effective_blocks(name))
     scale = layer.boft_s["default"].squeeze(-1) * layer.boft_s["other"].squeeze(-1)
     base = layer.base_layer
     expected_lin0 = (manual @ base.weight.T) * scale + base.bias
@@ -171,7 +171,7 @@ def test_bias_modes_make_biases_trainable_and_saved(registered, tmp_path, bias):
 def test_modules_to_save_and_layers_to_transform(registered, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from boft_plugin.toy import tiny_llama_config
+    from boft_plugin.tiny_models import tiny_llama_config
 
     torch.manual_seed(0)
     llama = AutoModelForCausalLM.from_config(tiny_llama_config(num_hidden_layers=3))

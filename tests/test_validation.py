@@ -73,7 +73,7 @@ def test_unsupported_layer_types_are_rejected_up_front(registered):
 
 
 def test_all_linear_is_checked_too(registered):
-    from boft_plugin.toy import tiny_llama
+    from boft_plugin.tiny_models import tiny_llama
 
     with pytest.raises(BoftTargetError, match=r"down_proj \(width 128\)"):
         get_peft_model(tiny_llama(), BOFTConfig(target_modules="all-linear", boft_block_size=0, boft_block_num=48))

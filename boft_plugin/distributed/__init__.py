@@ -1,1 +1,1 @@
-"""Engine glue: process-group facts, gathering sharded tensors, FSDP2 placement, ZeRO-3 reports."""
+"""Engine glue above the tuner: gathering sharded tensors, FSDP2 placement and loading, per-rank reports."""

@@ -5,7 +5,7 @@ rank holds everything), and FSDP2 refuses uneven sharding on any other dim. :fun
 stores each ``boft_R`` block-major, ``(N, m, b, b)``, and shards that dim 0: every rank owns whole ``b x b``
 blocks (block ``j`` of every factor together), ``ceil(N / W)`` of them or fewer on the last ranks, for any block
 count and world size, and only their optimizer state. Exports transpose back to PEFT's layout.
-It also refuses the two orderings that train silently wrong (DESIGN.md section 5).
+It also refuses the two orderings that train silently wrong (docs/design.md, "Engines").
 """
 
 from __future__ import annotations
@@ -15,23 +15,22 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..tuner.layer import BoftLayerMixin
+from ..tuner.errors import ShardingOrderError
+from ..tuner.layer import BoftLayer
+from ..tuner.model import is_fsdp2_sharded
 
-__all__ = ["ShardingOrderError", "boft_layers", "reset_adapter_parameters", "shard_for_fsdp2", "store_block_major"]
+__all__ = [
+    "ShardingOrderError",
+    "boft_layers",
+    "is_fsdp2_sharded",
+    "reset_adapter_parameters",
+    "shard_for_fsdp2",
+    "store_block_major",
+]
 
 
-class ShardingOrderError(RuntimeError):
-    """Sharding and adapter creation happened in an order that would train wrong; nothing was changed."""
-
-
-def boft_layers(model: nn.Module) -> list[BoftLayerMixin]:
-    return [m for m in model.modules() if isinstance(m, BoftLayerMixin)]
-
-
-def is_fsdp2_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+def boft_layers(model: nn.Module) -> list[BoftLayer]:
+    return [m for m in model.modules() if isinstance(m, BoftLayer)]
 
 
 def _block_modules(model: nn.Module, block_classes: Iterable[str] | None) -> list[nn.Module]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["barrier", "full_tensor", "is_partitioned", "rank", "unwrap_peft_model", "world_size"]
+from ..tuner.state_dict import is_partitioned
+
+__all__ = ["barrier", "full_tensor", "is_partitioned", "rank", "settle_zero3", "unwrap_peft_model", "world_size"]
 
 
 def rank() -> int:
@@ -29,15 +31,6 @@ def _is_dtensor(tensor: Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
-
-
-def is_partitioned(tensor: Tensor) -> bool:
-    """True when ``tensor`` holds only this rank's share (ZeRO-3 partition or DTensor shard)."""
-    if hasattr(tensor, "ds_id"):
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-        return tensor.ds_status != ZeroParamStatus.AVAILABLE
-    return _is_dtensor(tensor)
 
 
 def full_tensor(tensor: Tensor, prefer_fp32_master: bool = True) -> Tensor:
@@ -84,3 +77,9 @@ def unwrap_peft_model(model: nn.Module):
         else:
             break
     raise TypeError(f"expected a PEFT model (possibly wrapped by DDP/DeepSpeed/accelerate), got {type(model).__name__}")
+
+
+def settle_zero3(model: nn.Module) -> None:
+    """Wait for ZeRO-3 parameters a DeepSpeed engine still has in flight (prefetched) before gathering."""
+    if hasattr(model, "empty_partition_cache"):
+        model.empty_partition_cache()

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..tuner.layer import BoftLayerMixin
+from ..tuner.layer import BoftLayer
 from .gather import rank
 
 __all__ = ["ShardInfo", "adapter_shards", "format_shards", "optimizer_state_bytes"]
@@ -83,7 +83,7 @@ def adapter_shards(model: nn.Module) -> list[ShardInfo]:
     """This rank's share of every ``boft_R`` in ``model`` (any wrapper; local, not collective)."""
     rows = []
     for module_name, module in model.named_modules():
-        if isinstance(module, BoftLayerMixin):
+        if isinstance(module, BoftLayer):
             for adapter, param in module.boft_R.items():
                 geometry = module.boft_geometry[adapter]
                 block_major = bool(module.boft_block_major.get(adapter))

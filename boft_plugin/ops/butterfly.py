@@ -1,6 +1,6 @@
 """Fast BOFT maths in pure torch: Cayley blocks, butterfly permutations as reshapes, effective blocks.
 
-Notation (DESIGN.md section 2): an adapted layer of input width ``n`` has ``m`` butterfly factors of ``N``
+Notation (docs/design.md, "Maths"): an adapted layer of input width ``n`` has ``m`` butterfly factors of ``N``
 blocks of size ``b`` (``n = N * b``). Factor ``i`` is ``B_i = P_i D_i P_i^T`` with ``D_i`` the block-diagonal
 of its ``N`` Cayley blocks and ``P_i`` PEFT's block-butterfly permutation. The rotation ``B = B_{m-1} ... B_0``
 is exactly block-diagonal with ``K = N / 2**(m-1)`` *effective blocks* of size ``Be = b * 2**(m-1)``;

@@ -7,9 +7,11 @@ Python::
     recipe = parse_recipe("sft", ["--config", "recipe.yaml", "--max_steps", "10"])
     result = run(recipe)              # checks, build, train, export into recipe.training.output_dir
 
-Modules: :mod:`.args` (BOFT and recipe dataclasses), :mod:`.parsing`, :mod:`.data`, :mod:`.builder`,
-:mod:`.train`, :mod:`.outputs`, :mod:`.verify` (fresh-process reload checks), :mod:`.toy_tasks` (synthetic data),
-:mod:`.fsdp_hook`.
+Modules: :mod:`.args` (BOFT and recipe dataclasses), :mod:`.parsing`, :mod:`.data`, :mod:`.model_source`,
+:mod:`.geometry_check`, :mod:`.builder` (the one builder), :mod:`.trainers` (TRL trainers with boft-plugin's
+mixin) and :mod:`.callbacks`, :mod:`.checkpoints` / :mod:`.dcp_checkpoints` / :mod:`.universal_checkpoints`
+(kill-safe Trainer checkpoints, resume on another world size), :mod:`.dpo_reference`, :mod:`.train` (prepare,
+run, finish), :mod:`.outputs`, :mod:`.verify` (fresh-process reload checks).
 """
 
 from __future__ import annotations
@@ -20,18 +22,18 @@ from typing import Any
 _LAZY = {
     "RecipeError": ".errors",
     "BoftArguments": ".args",
-    "RecipeArguments": ".args",
+    "RecipeOptions": ".args",
     "Recipe": ".parsing",
     "parse_recipe": ".parsing",
     "make_parser": ".parsing",
     "load_recipe_data": ".data",
     "Built": ".builder",
     "build": ".builder",
-    "check_geometry": ".builder",
+    "check_geometry": ".geometry_check",
     "prepare": ".train",
     "make_trainer": ".train",
     "run": ".train",
-    "sync_reference_adapter": ".reference",
+    "sync_reference_adapter": ".dpo_reference",
 }
 
 __all__ = list(_LAZY)

@@ -85,6 +85,8 @@ class BoftArguments:
     )
 
     def __post_init__(self):
+        from ..tuner.geometry import GeometryError, check_block_config
+
         size, num, m = self.boft_block_size, self.boft_block_num, self.boft_n_butterfly_factor
         for key, value in (("boft_block_size", size), ("boft_block_num", num)):
             if value is not None and (not _is_int(value) or value < 0):
@@ -102,12 +104,10 @@ class BoftArguments:
                 )
             size = DEFAULT_BLOCK_SIZE
         self.boft_block_size, self.boft_block_num = (size or 0), (num or 0)
-        if not _is_int(m) or m < 1:
-            raise _bad("boft_n_butterfly_factor", "must be an integer >= 1", m)
-        if m > 1 and self.boft_block_size % 2:
-            raise _bad("boft_block_size", f"must be even when boft_n_butterfly_factor={m} > 1", self.boft_block_size)
-        if m > 1 and self.boft_block_num and self.boft_block_num % 2 ** (m - 1):
-            raise _bad("boft_block_num", f"must be a multiple of 2**(m-1)={2 ** (m - 1)} for m={m}", num)
+        try:  # the width-independent rules, decided by the tuner's geometry (the widths are checked later)
+            check_block_config(self.boft_block_size, self.boft_block_num, m)
+        except GeometryError as err:
+            raise RecipeError(f"recipe key '{err.key or 'boft_block_size'}': {err.reason}") from None
         if not isinstance(self.boft_dropout, int | float) or not 0.0 <= self.boft_dropout < 1.0:
             raise _bad("boft_dropout", "must be a number in [0, 1)", self.boft_dropout)
         if self.boft_bias not in BIAS_CHOICES:
@@ -153,13 +153,13 @@ class BoftArguments:
 
 
 @dataclass
-class RecipeArguments:
-    """Where the model and tokenizer come from, how DPO starts, and what is written at the end."""
+class RecipeOptions:
+    """boft-plugin's own recipe keys: where the model and tokenizer come from, how DPO starts, what is written."""
 
     tiny_model: bool = field(
         default=False,
         metadata={
-            "help": "Build a tiny random Llama (boft_plugin.toy.tiny_llama_config) instead of loading "
+            "help": "Build a tiny random Llama (boft_plugin.tiny_models.tiny_llama_config) instead of loading "
             "model_name_or_path; model_config entries override its fields. For tests and demos."
         },
     )
@@ -177,7 +177,7 @@ class RecipeArguments:
         default=None,
         metadata={
             "help": "Tokenizer to load (default: the model's; the init adapter's directory if it has one; the "
-            "local character tokenizer boft_plugin.toy.char_tokenizer for config-built models)."
+            "local character tokenizer boft_plugin.tiny_models.char_tokenizer for config-built models)."
         },
     )
     init_adapter: str | None = field(
@@ -209,6 +209,13 @@ class RecipeArguments:
         metadata={
             "help": "After training, run the trained model on this text and save input ids and logits to "
             "<output_dir>/probe_logits.pt (for reload checks; see `boft-plugin verify`)."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow writing into an output_dir that holds an adapter or model this run did not write (another "
+            "PEFT type, base model or BOFT geometry). Without it such a run is refused before anything is written."
         },
     )
 

@@ -54,6 +54,68 @@ def _builder_for(path: str, key: str) -> str:
     return BUILDERS[extension]
 
 
+def check_json_file(path: str, key: str) -> None:
+    """Raise :class:`RecipeError` naming the file and the line when a ``.json`` / ``.jsonl`` file is not valid JSON.
+
+    ``datasets`` reports such a file with a long traceback and no line number. A ``.json`` file may hold one JSON
+    document or JSON lines (as ``datasets`` accepts both); a ``.jsonl`` file is read line by line.
+    """
+    import json
+
+    if os.path.splitext(path)[1].lower() not in (".json", ".jsonl"):
+        return
+    if path.lower().endswith(".json"):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                json.load(handle)
+            return
+        except json.JSONDecodeError as whole_error:
+            if not _first_line_is_json(path):  # one (broken) JSON document, not JSON lines
+                raise RecipeError(
+                    f"recipe key '{key}': {path} line {whole_error.lineno}, column {whole_error.colno}: not valid "
+                    f"JSON ({whole_error.msg})"
+                ) from None
+        except UnicodeDecodeError as err:
+            raise RecipeError(f"recipe key '{key}': {path} is not UTF-8 text ({err.reason})") from None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    try:
+                        json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise RecipeError(
+                            f"recipe key '{key}': {path} line {number}, column {err.colno}: not valid JSON "
+                            f"({err.msg}); each line must be one JSON object"
+                        ) from None
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"recipe key '{key}': {path} is not UTF-8 text ({err.reason})") from None
+
+
+def _first_line_is_json(path: str) -> bool:
+    import json
+
+    with open(path, encoding="utf-8") as handle:
+        first = next((line for line in handle if line.strip()), "")
+    try:
+        json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _read_file(path: str, key: str, streaming: bool):
+    """One local data file as a ``datasets`` split, any reader error reported in one line."""
+    import datasets
+
+    check_json_file(path, key)
+    try:
+        return datasets.load_dataset(_builder_for(path, key), data_files=path, split="train", streaming=streaming)
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__ or err.__context__ or err
+        raise RecipeError(f"recipe key '{key}': cannot read {path}: {str(cause).splitlines()[0]}") from None
+
+
 def load_source(
     source: str,
     key: str,
@@ -66,7 +128,7 @@ def load_source(
 
     path = os.path.expanduser(source)
     if os.path.isfile(path):
-        loaded = datasets.load_dataset(_builder_for(path, key), data_files=path, split="train", streaming=streaming)
+        loaded = _read_file(path, key, streaming)
         return loaded if split is not None else {"train": loaded}
     if os.path.isdir(path):
         if any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
@@ -82,14 +144,42 @@ def load_source(
         return loaded[split]
     if _looks_local(source):
         raise RecipeError(f"recipe key '{key}': dataset file or directory {source} does not exist")
+    hub_error = _hub_unreachable()  # one quick try instead of datasets' retries (~30 s) when there is no network
     try:
+        if hub_error:
+            raise ConnectionError(f"the hub is unreachable ({hub_error}); set HF_DATASETS_OFFLINE=1 for a cached copy")
         loaded = datasets.load_dataset(source, name=name, split=split, streaming=streaming)
     except Exception as err:  # noqa: BLE001 - the hub raises many types; all mean "cannot load this name"
         raise RecipeError(
             f"recipe key '{key}': could not load dataset {source!r} from the Hugging Face hub "
-            f"({type(err).__name__}: {err}). Local data must be an existing file or directory."
-        ) from err
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Local data must be an existing "
+            "file or directory."
+        ) from None
     return dict(loaded) if split is None else loaded
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+
+
+def _hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """None when the hub answers (or offline mode is on: then ``datasets`` looks in its cache, quickly); else why."""
+    if _offline():
+        return None
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    try:
+        urllib.request.urlopen(constants.ENDPOINT, timeout=timeout_s).close()  # noqa: S310 - the configured endpoint
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (OSError, ValueError) as err:
+        return f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+    return None
 
 
 def _mixture(mixture, key: str = "datasets"):
@@ -105,10 +195,13 @@ def _mixture(mixture, key: str = "datasets"):
         file_list = [files] if isinstance(files, str) else list(files.values()) if isinstance(files, dict) else files
         for file in file_list or []:
             for item in [file] if isinstance(file, str) else file:
-                if not any(ch in item for ch in "*?[") and "://" not in item and not os.path.exists(item):
-                    raise RecipeError(f"recipe key '{where}.data_files': dataset file {item} does not exist")
+                if not any(ch in item for ch in "*?[") and "://" not in item:
+                    if not os.path.exists(item):
+                        raise RecipeError(f"recipe key '{where}.data_files': dataset file {item} does not exist")
+                    check_json_file(item, f"{where}.data_files")
         path = os.path.expanduser(entry.path)
         if os.path.isfile(path):
+            check_json_file(path, f"{where}.path")
             entry.path, entry.data_files = _builder_for(path, f"{where}.path"), path
         elif not os.path.isdir(path) and file_list is None and _looks_local(entry.path):
             raise RecipeError(f"recipe key '{where}.path': dataset file or directory {entry.path} does not exist")
@@ -167,7 +260,7 @@ def _describe(recipe, key: str) -> str:
     if key == "dataset_name":
         return f"dataset {recipe.script.dataset_name} (recipe key 'dataset_name')"
     if key == "eval_dataset_name":
-        return f"evaluation dataset {recipe.recipe.eval_dataset_name} (recipe key 'eval_dataset_name')"
+        return f"evaluation dataset {recipe.options.eval_dataset_name} (recipe key 'eval_dataset_name')"
     return f"dataset from recipe key '{key}'"
 
 
@@ -221,11 +314,11 @@ def load_recipe_data(recipe, train_dataset: Any = None, eval_dataset: Any = None
     if eval_dataset is not None:
         evaluation = eval_dataset
         check_columns(evaluation, recipe.task, "eval_dataset (Python API)", text_field)
-    elif recipe.recipe.eval_dataset_name:
+    elif recipe.options.eval_dataset_name:
         evaluation = load_source(
-            recipe.recipe.eval_dataset_name,
+            recipe.options.eval_dataset_name,
             "eval_dataset_name",
-            split=test_split if not os.path.isfile(os.path.expanduser(recipe.recipe.eval_dataset_name)) else "train",
+            split=test_split if not os.path.isfile(os.path.expanduser(recipe.options.eval_dataset_name)) else "train",
             streaming=script.dataset_streaming,
         )
         check_columns(evaluation, recipe.task, _describe(recipe, "eval_dataset_name"), text_field)

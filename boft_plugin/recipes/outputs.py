@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_config.json")
 MERGED_DIR = "merged"
 PROBE_FILE = "probe_logits.pt"
 SUMMARY_FILE = "boft_run_summary.json"
@@ -18,8 +17,8 @@ SUMMARY_FILE = "boft_run_summary.json"
 
 def export_merged_model(model, output_dir: str | os.PathLike, tokenizer=None) -> Path | None:
     """``boft_plugin.export_merged`` to ``<output_dir>/merged`` (plus the tokenizer, so the folder is complete)."""
-    from .. import export_merged
     from ..distributed.gather import barrier, rank
+    from ..export import export_merged
 
     target = Path(output_dir) / MERGED_DIR
     export_merged(model, target)
@@ -50,7 +49,10 @@ def write_probe(model, tokenizer, text: str, path: str | os.PathLike, device=Non
     finally:
         peft_model.train(was_training)
     if rank() == 0:
-        torch.save({"text": text, "input_ids": ids, "logits": logits}, path)
+        from ..atomic import atomic_file
+
+        with atomic_file(path) as staging:
+            torch.save({"text": text, "input_ids": ids, "logits": logits}, staging)
     barrier()
     return Path(path) if rank() == 0 else None
 
@@ -71,8 +73,10 @@ def summarize(task: str, trainer, files: dict[str, Any], extra: dict | None = No
         "train_loss": train_losses,
         "first_train_loss": train_losses[0][1] if train_losses else None,
         "last_train_loss": train_losses[-1][1] if train_losses else None,
-        "eval_before": evals[0] if evals else None,
-        "eval_after": evals[-1] if len(evals) > 1 or (evals and not trainer.args.eval_on_start) else None,
+        # evaluations are named by the step they ran at (step 0 only with eval_on_start), never "before"/"after"
+        "evaluations": evals,
+        "eval_first": evals[0] if evals else None,
+        "eval_last": evals[-1] if len(evals) > 1 else None,
         "train_runtime": next((e["train_runtime"] for e in history if "train_runtime" in e), None),
         "files": {k: str(v) for k, v in files.items() if v is not None},
     }
@@ -89,8 +93,6 @@ def write_summary(summary: dict, output_dir: str | os.PathLike) -> Path | None:
 
     if rank() != 0:
         return None
-    path = Path(output_dir) / SUMMARY_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
+    from ..atomic import atomic_write_text
+
+    return atomic_write_text(Path(output_dir) / SUMMARY_FILE, json.dumps(summary, indent=2, default=str))

@@ -3,7 +3,7 @@
 Every field of TRL's ``SFTConfig`` / ``DPOConfig`` (and so of ``transformers.TrainingArguments``), ``ModelConfig``,
 ``ScriptArguments`` and ``DatasetMixtureConfig`` is a recipe key and a ``--flag`` exactly as in TRL's own
 ``trl sft`` / ``trl dpo`` scripts, next to :class:`~boft_plugin.recipes.args.BoftArguments` and
-:class:`~boft_plugin.recipes.args.RecipeArguments`. Flags override the YAML (``TrlParser`` turns the YAML into
+:class:`~boft_plugin.recipes.args.RecipeOptions`. Flags override the YAML (``TrlParser`` turns the YAML into
 argparse defaults). Differences from TRL's scripts, on purpose:
 
 - an unknown YAML key or flag is an error naming it (TRL's scripts pass ``fail_with_unknown_args=False`` and
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .args import BoftArguments, RecipeArguments
+from .args import BoftArguments, RecipeOptions
 from .errors import RecipeError
 
 TASKS = ("sft", "dpo")
@@ -53,9 +53,8 @@ class Recipe:
     model: Any  # trl.ModelConfig
     mixture: Any  # trl.DatasetMixtureConfig
     boft: BoftArguments
-    recipe: RecipeArguments
+    options: RecipeOptions
     config_path: str | None = None
-    given: frozenset = frozenset()  # keys set by the YAML, the mapping or a flag (not defaults)
 
 
 def _dataclass_types(task: str) -> tuple[type, ...]:
@@ -64,14 +63,31 @@ def _dataclass_types(task: str) -> tuple[type, ...]:
     if task not in TASKS:
         raise RecipeError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     training = SFTConfig if task == "sft" else DPOConfig
-    return (ScriptArguments, training, ModelConfig, DatasetMixtureConfig, BoftArguments, RecipeArguments)
+    return (ScriptArguments, training, ModelConfig, DatasetMixtureConfig, BoftArguments, RecipeOptions)
 
 
 def make_parser(task: str, prog: str | None = None):
-    """TRL's ``TrlParser`` over the recipe's dataclasses for ``task`` ('sft' or 'dpo')."""
+    """TRL's ``TrlParser`` over the recipe's dataclasses for ``task`` ('sft' or 'dpo').
+
+    Its help shows ``--config`` first and hides the LoRA and quantisation flags a BOFT recipe refuses.
+    """
+    import argparse
+
     from trl import TrlParser
 
-    return TrlParser(_dataclass_types(task), prog=prog or f"boft-plugin {task}", allow_abbrev=False)
+    parser = TrlParser(_dataclass_types(task), prog=prog or f"boft-plugin {task}", allow_abbrev=False)
+    for action in parser._actions:
+        if action.dest in _REFUSED_MODEL_KEYS:
+            action.help = argparse.SUPPRESS
+    config = parser.add_argument(
+        "--config",
+        metavar="RECIPE.yaml",
+        help="The recipe: a YAML mapping of any keys below (flags given on the command line override it).",
+    )
+    group = parser._optionals._group_actions  # argparse lists options in this order: put --config after --help
+    group.insert(1, group.pop(group.index(config)))
+    parser.usage = f"boft-plugin {task} --config RECIPE.yaml [--key value ...]   (every key below, YAML or flag)"
+    return parser
 
 
 def recipe_keys(task: str) -> set[str]:
@@ -178,6 +194,32 @@ def cpu_launch_defaults(merged: dict, args: Sequence[str]) -> dict:
     return {key: value for key, value in wanted.items() if not _given(key, merged, args)}
 
 
+_CHECKPOINTING_ALIASES = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+
+
+def prefer_activation_checkpointing(merged: dict, args: list[str]) -> None:
+    """Use transformers' current names for TRL's ``gradient_checkpointing*`` keys, in place.
+
+    transformers 5.24 renamed them ``activation_checkpointing*`` and warns on every run that sets the old names;
+    TRL's configs set ``gradient_checkpointing: true`` by default, so every recipe would warn. Values are kept.
+    """
+    from trl import SFTConfig
+
+    for old, new in _CHECKPOINTING_ALIASES.items():
+        if old in merged:
+            merged.setdefault(new, merged.pop(old))
+        for index, arg in enumerate(args):
+            flag, eq, value = arg.partition("=")
+            if flag.lstrip("-").replace("-", "_") == old:
+                args[index] = f"--{new}{eq}{value}"
+    if "activation_checkpointing" not in merged:
+        default = next(f.default for f in dataclasses.fields(SFTConfig) if f.name == "gradient_checkpointing")
+        merged["activation_checkpointing"] = default  # TRL's default (True), under its current name
+
+
 def _check_world_size(training) -> None:
     try:
         launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -188,6 +230,21 @@ def _check_world_size(training) -> None:
             f"launched as {launched} processes but the trainer sees world_size={training.world_size}: each rank "
             "would train alone. On a machine without GPUs use 'use_cpu: true' (DDP over gloo), or DeepSpeed through "
             "`accelerate launch` with integrations/accelerate/zero*.yaml and 'ddp_backend: gloo'."
+        )
+
+
+def _check_report_to(training) -> None:
+    """Refuse logging integrations that are not installed, before anything is written (the Trainer fails later)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    requested = training.report_to or []
+    requested = [requested] if isinstance(requested, str) else list(requested)
+    available = get_available_reporting_integrations()
+    missing = [name for name in requested if name not in ("none", "all") and name not in available]
+    if missing:
+        raise RecipeError(
+            f"recipe key 'report_to': {', '.join(missing)} is not installed in this environment (install it, or use "
+            f"report_to: none); installed integrations: {', '.join(available) or 'none'}"
         )
 
 
@@ -222,9 +279,8 @@ def parse_recipe(task: str, argv: Sequence[str] | None = None, config: dict | No
     env = merged.pop("env", None) or {}
     for key, value in env.items():
         os.environ[str(key)] = str(value)
-    given = set(merged) | {a.split("=")[0].lstrip("-").replace("-", "_") for a in args if a.startswith("--")}
-    given |= {key[3:] for key in given if key.startswith("no_")}
     merged.update(cpu_launch_defaults(merged, args))
+    prefer_activation_checkpointing(merged, args)
     if merged:
         leftover = parser.set_defaults_with_config(**merged)
         if leftover:  # unreachable after _check_keys, kept as TRL's own guard
@@ -242,9 +298,8 @@ def parse_recipe(task: str, argv: Sequence[str] | None = None, config: dict | No
         if flags:
             raise _unknown_key_error(flags, task, "the command line")
         raise RecipeError(f"unexpected command-line argument(s): {' '.join(remaining)}")
-    script, training, model, mixture, boft, recipe_args = parsed
+    script, training, model, mixture, boft, options = parsed[:6]  # then a namespace holding --config (help only)
     _check_model_keys(model)
     _check_world_size(training)
-    return Recipe(
-        task, script, training, model, mixture, boft, recipe_args, config_path=config_path, given=frozenset(given)
-    )
+    _check_report_to(training)
+    return Recipe(task, script, training, model, mixture, boft, options, config_path=config_path)

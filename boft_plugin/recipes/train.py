@@ -17,33 +17,20 @@ DPO and its reference model (TRL 1.16):
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from ..export import export_adapter
-from . import checkpointing
-from .builder import (
-    adapter_peft_config,
-    build,
-    check_geometry,
-    check_tokenizer,
-    load_tokenizer,
-    model_config_of,
-    model_source,
-)
+from .builder import build
 from .data import is_conversational_dataset, load_recipe_data
+from .dpo_reference import sync_reference_adapter
 from .errors import RecipeError
-from .outputs import (
-    PROBE_FILE,
-    export_merged_model,
-    summarize,
-    write_probe,
-    write_summary,
-)
-from .reference import REFERENCE_ADAPTER, sync_reference_adapter
+from .geometry_check import check_geometry
+from .model_source import adapter_peft_config, check_tokenizer, load_tokenizer, model_config_of, model_source
+from .output_guard import check_output_dir
+from .outputs import PROBE_FILE, export_merged_model, summarize, write_probe, write_summary
 
 
 @dataclass
@@ -62,78 +49,19 @@ def prepare(recipe, train_dataset=None, eval_dataset=None) -> Prepared:
     """Check the data, tokenizer, model config and BOFT geometry (meta device): raise :class:`RecipeError` early."""
     train, evaluation = load_recipe_data(recipe, train_dataset, eval_dataset)
     source = model_source(recipe)
-    model_config = model_config_of(recipe, source)
     peft_config = adapter_peft_config(recipe)
+    check_output_dir(recipe.training.output_dir, peft_config, source.path, recipe.options.overwrite_output_dir)
+    model_config = model_config_of(recipe, source)
     adapted = check_geometry(model_config, peft_config)
     tokenizer = load_tokenizer(recipe, source)
     check_tokenizer(tokenizer, model_config, is_conversational_dataset(train), recipe)
     return Prepared(train, evaluation, tokenizer, model_config, peft_config, adapted)
 
 
-@contextlib.contextmanager
-def _reference_adapter_synced(model):
-    """While TRL's ``DPOTrainer`` is built, copy ``default`` into ``ref`` right after TRL adds ``ref``.
-
-    TRL may use the reference in its constructor (``precompute_ref_log_probs``, which also hands the model to a
-    DeepSpeed engine), so syncing after construction would be too late.
-    """
-    from peft import PeftModel
-
-    if not isinstance(model, PeftModel):
-        yield
-        return
-    original = model.add_adapter
-
-    def add_adapter(adapter_name, peft_config, *args, **kwargs):
-        if adapter_name == REFERENCE_ADAPTER and adapter_name in model.peft_config:
-            return None  # added and synced before FSDP2 sharding (builder.add_reference_adapter)
-        result = original(adapter_name, peft_config, *args, **kwargs)
-        if adapter_name == REFERENCE_ADAPTER:
-            sync_reference_adapter(model, reference=adapter_name)
-        return result
-
-    model.add_adapter = add_adapter
-    try:
-        yield
-    finally:
-        del model.add_adapter
-
-
-def keep_fsdp2_unwrapped(trainer) -> None:
-    """Let the Trainer's accelerator take a model already sharded with FSDP2 as it is (``fsdp2_pre_shard``).
-
-    Under ``torch.distributed.run`` on the CPU accelerate prepares a MULTI_CPU run and would wrap the model in
-    DDP, which cannot hold FSDP2's DTensor parameters; FSDP2 already reduces the gradients across ranks, and the
-    data loaders are still split across ranks by accelerate.
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    accelerator = trainer.accelerator
-    original = accelerator.prepare_model
-
-    def prepare_model(model, device_placement=None, evaluation_mode=False):
-        if isinstance(model, FSDPModule):
-            if model not in accelerator._models:
-                accelerator._models.append(model)
-            return model
-        return original(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
-
-    accelerator.prepare_model = prepare_model
-
-
-def _reliable_checkpoints(trainer, recipe) -> None:
-    checkpointing.install(trainer)
-    if getattr(trainer, "is_fsdp_enabled", False):  # accelerate's FSDP2 plugin shards every parameter on dim 0
-        from ..distributed.fsdp import store_block_major
-
-        store_block_major(trainer.model)
-    if recipe.recipe.fsdp2_pre_shard:
-        keep_fsdp2_unwrapped(trainer)
-        checkpointing.use_dcp_checkpoints(trainer)
-
-
 def make_trainer(recipe, built, train_dataset, eval_dataset):
-    """TRL's ``SFTTrainer`` / ``DPOTrainer`` for ``built`` (see :func:`boft_plugin.recipes.builder.build`)."""
+    """boft-plugin's TRL ``SFTTrainer`` / ``DPOTrainer`` for ``built`` (see :func:`.builder.build`)."""
+    from .trainers import BoftDPOTrainer, BoftSFTTrainer
+
     common = dict(
         model=built.model,
         args=recipe.training,
@@ -143,16 +71,8 @@ def make_trainer(recipe, built, train_dataset, eval_dataset):
         peft_config=built.peft_config,
     )
     if recipe.task == "sft":
-        from trl import SFTTrainer
-
-        trainer = SFTTrainer(**common)
-        _reliable_checkpoints(trainer, recipe)
-        return trainer
-    from trl import DPOTrainer
-
-    with _reference_adapter_synced(built.model):
-        trainer = DPOTrainer(**common)
-    _reliable_checkpoints(trainer, recipe)
+        return BoftSFTTrainer(**common)
+    trainer = BoftDPOTrainer(**common)
     if recipe.script.ignore_bias_buffers:  # as TRL's dpo.py
         import torch
 
@@ -181,9 +101,7 @@ def run(recipe, train_dataset=None, eval_dataset=None, end: bool = False) -> Run
     prepared = prepare(recipe, train_dataset, eval_dataset)
     built = build(recipe, tokenizer=prepared.tokenizer)
     trainer = make_trainer(recipe, built, prepared.train_dataset, prepared.eval_dataset)
-    resume = checkpointing.resolve_resume(recipe.training.resume_from_checkpoint, recipe.training.output_dir)
-    checkpointing.prepare_deepspeed_resume(trainer, resume)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=recipe.training.resume_from_checkpoint)
     result = finish(recipe, trainer, built, started)
     if recipe.training.push_to_hub:
         trainer.push_to_hub(dataset_name=recipe.script.dataset_name)
@@ -219,13 +137,13 @@ def finish(recipe, trainer, built, started: float | None = None) -> RunResult:
     files: dict[str, Any] = {"adapter": export_adapter(model, output_dir, adapter_names=[adapter])}
     if rank() == 0:
         built.tokenizer.save_pretrained(output_dir)
-    if recipe.recipe.export_merged:
+    if recipe.options.export_merged:
         files["merged"] = export_merged_model(model, output_dir, tokenizer=built.tokenizer)
-    if recipe.recipe.probe_text:
+    if recipe.options.probe_text:
         files["probe"] = write_probe(
             model,
             built.tokenizer,
-            recipe.recipe.probe_text,
+            recipe.options.probe_text,
             os.path.join(output_dir, PROBE_FILE),
             device=trainer.accelerator.device,
         )

@@ -13,15 +13,17 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.butterfly import rotate_weight
-from .layer import BoftLayerMixin
+from .layer import BoftLayer
 
 
-class BoftConv2d(nn.Module, BoftLayerMixin):
+class BoftConv2d(nn.Module, BoftLayer):
     """BOFT adapter around an ``nn.Conv2d`` with ``groups == 1``."""
+
+    kind = "conv2d"
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
         super().__init__()
-        BoftLayerMixin.__init__(self, base_layer, **kwargs)
+        BoftLayer.__init__(self, base_layer, **kwargs)
         self._init_boft_state()
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config=config)
@@ -29,9 +31,6 @@ class BoftConv2d(nn.Module, BoftLayerMixin):
     def rotated_width(self) -> int:
         base = self.get_base_layer()
         return self.in_features * base.kernel_size[0] * base.kernel_size[1]
-
-    def _scale_shape(self) -> tuple[int, int]:
-        return (1, self.out_features)
 
     def weight_to_matrix(self, weight: Tensor) -> Tensor:
         return weight.reshape(weight.shape[0], -1)
@@ -41,11 +40,7 @@ class BoftConv2d(nn.Module, BoftLayerMixin):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         previous_dtype = x.dtype
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        adapters = [] if self.merged else self.active_boft_adapters()
+        adapters = self.adapters_to_apply()
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
 
@@ -62,7 +57,7 @@ class BoftConv2d(nn.Module, BoftLayerMixin):
         bias = base.bias
         return base._conv_forward(x.to(weight.dtype), rotated, bias).to(previous_dtype)
 
-    train = BoftLayerMixin.train
+    train = BoftLayer.train
 
     def __repr__(self) -> str:
         return "boft." + super().__repr__()

@@ -17,10 +17,11 @@ from peft.tuners.boft.layer import BOFTLayer, MultiplicativeDropoutLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
-from ..distributed.zero import zero3_pre_forward_hook
 from ..ops.butterfly import rotate_weight
-from .geometry import Geometry, GeometryError, resolve_geometry
-from .rotation import BlockCache, application_blocks, min_application_width, rotation_blocks_from
+from .errors import BoftNumericsError
+from .geometry import Geometry, GeometryError, resolve_geometry, scale_shape
+from .rotation import BlockCache, application_blocks, effective_blocks_from, min_application_width
+from .zero3 import zero3_pre_forward_hook
 
 
 @torch.no_grad()
@@ -33,7 +34,7 @@ def merge_matrix(matrix: Tensor, boft_r: Tensor, boft_s: Tensor, inverse: bool =
     Returns:
         ``(out, width)`` in float32 (float64 stays float64).
     """
-    blocks = rotation_blocks_from(boft_r)
+    blocks = effective_blocks_from(boft_r)
     scale = boft_s.reshape(-1, 1).to(blocks.dtype)
     if inverse:
         return rotate_weight(matrix.to(blocks.dtype) / scale, blocks, inverse=True)
@@ -45,11 +46,7 @@ def _all_finite(blocks: Tensor, boft_r: Tensor) -> bool:
     return bool(torch.isfinite(blocks).all()) and bool(torch.isfinite(boft_r).all())
 
 
-class BoftNumericsError(FloatingPointError):
-    """An adapter's rotation is NaN/Inf; raised instead of letting it spread through the model silently."""
-
-
-class BoftLayerMixin(BOFTLayer):
+class BoftLayer(BOFTLayer):
     """Parameters and maths common to every layer type; see :class:`BoftLinear` and :class:`BoftConv2d`."""
 
     # `boft_geometry` is a plain dict (not a buffer): it survives meta-device init, `to_empty()` and ZeRO-3
@@ -68,9 +65,15 @@ class BoftLayerMixin(BOFTLayer):
         """Width of the vector the butterfly rotation acts on (``in_features`` for a linear layer)."""
         raise NotImplementedError
 
+    kind = "linear"  # "linear" or "conv2d": decides the layout of boft_s (geometry.scale_shape)
+
     def _scale_shape(self) -> tuple[int, int]:
         """Shape of ``boft_s`` (PEFT: ``(out, 1)`` for linear layers, ``(1, out)`` for Conv2d)."""
-        return (self.out_features, 1)
+        return scale_shape(self.kind, self.out_features)
+
+    def adapter_shapes(self, adapter_name: str) -> dict[str, tuple[int, ...]]:
+        """Shapes of ``boft_R`` (PEFT's layout) and ``boft_s`` of ``adapter_name`` as written to a checkpoint."""
+        return {"boft_R": self.boft_geometry[adapter_name].param_shape, "boft_s": self._scale_shape()}
 
     def weight_to_matrix(self, weight: Tensor) -> Tensor:
         """A base weight (this layer's layout) as an ``(out, width)`` matrix view."""
@@ -116,6 +119,15 @@ class BoftLayerMixin(BOFTLayer):
         """Active adapters that live on this layer, in PEFT's order."""
         return [name for name in self.active_adapters if name in self.boft_R]
 
+    def adapters_to_apply(self) -> list[str]:
+        """Adapters a forward applies on top of the base layer: none when adapters are disabled (merged ones are
+        unmerged first, as PEFT does) or already merged into the weight."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return []
+        return [] if self.merged else self.active_boft_adapters()
+
     def boft_r(self, adapter_name: str) -> Tensor:
         """``boft_R`` of ``adapter_name`` in PEFT's ``(m, N, b, b)`` layout (a view if stored block-major)."""
         weight = self.boft_R[adapter_name]
@@ -141,12 +153,12 @@ class BoftLayerMixin(BOFTLayer):
         dropout = self.boft_dropout[adapter_name]
         return dropout.p if isinstance(dropout, MultiplicativeDropoutLayer) and dropout.training else 0.0
 
-    def rotation_blocks(self, adapter_name: str) -> Tensor:
+    def effective_blocks(self, adapter_name: str) -> Tensor:
         """Effective blocks ``(K, Be, Be)`` of adapter ``adapter_name``'s rotation, float32 (float64 stays).
 
         Applies ``boft_dropout`` in training, like PEFT's ``MultiplicativeDropoutLayer``.
         """
-        return rotation_blocks_from(self.boft_r(adapter_name), self._dropout_p(adapter_name))
+        return effective_blocks_from(self.boft_r(adapter_name), self._dropout_p(adapter_name))
 
     def application_blocks(self, adapter_name: str, dtype: torch.dtype, tokens: int | None = None) -> Tensor:
         """Blocks ``(K', A, A)`` in ``dtype`` that multiply the activations (see :mod:`.rotation`)."""
@@ -189,7 +201,7 @@ class BoftLayerMixin(BOFTLayer):
 
         For inspection and PEFT helpers only: training, merge and export never build it.
         """
-        blocks = rotation_blocks_from(self.boft_r(adapter_name))  # deterministic: no dropout, as in PEFT
+        blocks = effective_blocks_from(self.boft_r(adapter_name))  # deterministic: no dropout, as in PEFT
         scale = self.boft_s[adapter_name]
         return torch.block_diag(*blocks), scale if scale.shape[1] == 1 else scale.transpose(0, 1)
 

@@ -13,15 +13,15 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.butterfly import rotate_activations, scale_shift
-from .layer import BoftLayerMixin
+from .layer import BoftLayer
 
 
-class BoftLinear(nn.Module, BoftLayerMixin):
+class BoftLinear(nn.Module, BoftLayer):
     """BOFT adapter around a linear layer (``nn.Linear``, or ``Conv1D`` with ``fan_in_fan_out=True``)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
         super().__init__()
-        BoftLayerMixin.__init__(self, base_layer, **kwargs)
+        BoftLayer.__init__(self, base_layer, **kwargs)
         self._init_boft_state()
         self.fan_in_fan_out = config.fan_in_fan_out
         self._active_adapter = adapter_name
@@ -38,11 +38,7 @@ class BoftLinear(nn.Module, BoftLayerMixin):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         previous_dtype = x.dtype
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        adapters = [] if self.merged else self.active_boft_adapters()
+        adapters = self.adapters_to_apply()
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
 
@@ -60,7 +56,7 @@ class BoftLinear(nn.Module, BoftLayerMixin):
         # (result - bias) * s + bias, saving the output rather than `result` for the gradient of s
         return scale_shift(result, scale.to(result.dtype), bias).to(previous_dtype)
 
-    train = BoftLayerMixin.train
+    train = BoftLayer.train
 
     def __repr__(self) -> str:
         return "boft." + super().__repr__()

@@ -13,60 +13,32 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .conv import BoftConv2d
-from .layer import BoftLayerMixin
+from .errors import BoftCheckpointError, ShardingOrderError
+from .layer import BoftLayer
 from .linear import BoftLinear
+from .state_dict import (
+    check_adapter_tensors,
+    expected_adapter_shapes,
+    from_peft_layout,
+    refuse_partitioned,
+    selection_is_unchecked,
+    to_peft_layout,
+)
 from .targets import check_targets, layer_kind, unsupported_reason
 
 
-class BoftSaveError(RuntimeError):
-    """A save would write partitioned (sharded) adapter tensors; nothing was written."""
+def is_fsdp2_sharded(model: nn.Module) -> bool:
+    """Whether ``fully_shard`` was applied to ``model`` or one of its submodules."""
+    from torch.distributed.fsdp import FSDPModule
 
-
-def refuse_partitioned(state_dict: dict) -> None:
-    """Raise :class:`BoftSaveError` if any tensor holds only this rank's shard (ZeRO-3 ``[0]``, a DTensor)."""
-    from ..distributed.gather import is_partitioned
-
-    bad = [f"{k} {tuple(v.shape)}" for k, v in state_dict.items() if is_partitioned(v) or v.numel() == 0]
-    if bad:
-        raise BoftSaveError(
-            f"refusing to save {len(bad)} partitioned adapter tensor(s) (e.g. {', '.join(bad[:3])}): under "
-            "DeepSpeed ZeRO-3 or FSDP each rank holds only its shard, and saving them as is would write empty or "
-            "partial tensors. Call boft_plugin.export_adapter(model, output_dir) on every rank instead (it gathers "
-            "and writes on rank 0), or pass a gathered state_dict to save_pretrained."
-        )
-
-
-def expected_adapter_shapes(model: nn.Module, adapter_name: str) -> dict[str, dict[str, tuple[int, ...]]]:
-    """``{module name without 'base_model.model.': {"boft_R": shape, "boft_s": shape}}`` of one adapter."""
-    shapes = {}
-    for name, module in model.named_modules():
-        if isinstance(module, BoftLayerMixin) and adapter_name in module.boft_geometry:
-            shapes[name.removeprefix("base_model.model.")] = {
-                "boft_R": module.boft_geometry[adapter_name].param_shape,
-                "boft_s": module._scale_shape(),
-            }
-    return shapes
-
-
-def block_major_layers(model: nn.Module) -> list[tuple[str, BoftLayerMixin, str]]:
-    """``("<module path>.boft_R", layer, adapter)`` for every adapter stored block-major (FSDP2).
-
-    One entry per (layer, adapter): a layer may hold several block-major adapters (DPO's policy and reference).
-    """
-    return [
-        (f"{name}.boft_R", module, adapter)
-        for name, module in model.named_modules()
-        if isinstance(module, BoftLayerMixin)
-        for adapter, block_major in module.boft_block_major.items()
-        if block_major
-    ]
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def undo_adapter(model: nn.Module, adapter_name: str) -> None:
     """Take an injected adapter out again: layers left without adapters give their base layer back, and the
     parameters' ``requires_grad`` flags are restored to what they were before the injection."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, BoftLayerMixin) and adapter_name in module.boft_R:
+        if isinstance(module, BoftLayer) and adapter_name in module.boft_R:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 module.delete_adapter(adapter_name)
@@ -87,20 +59,13 @@ class BoftModel(BOFTModel):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        # PEFT's save_pretrained / get_peft_model_state_dict route through here; the exporter selects first
-        # and gathers afterwards, so only plain saves are checked.
-        from ..export import selecting_for_export
-
+        # PEFT's save_pretrained / get_peft_model_state_dict route through here. A gathering exporter selects
+        # first and gathers afterwards (state_dict.unchecked_selection); every other save is checked.
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        if selecting_for_export.get():
+        if selection_is_unchecked():
             return selected
         refuse_partitioned(selected)
-        # boft_R held block-major for FSDP2 is written in PEFT's (m, N, b, b) layout
-        for prefix, layer, name in block_major_layers(model):
-            key = f"{prefix}.{name}"
-            if key in selected:
-                selected[key] = layer.to_peft_layout(name, selected[key])
-        return selected
+        return to_peft_layout(model, selected)  # block-major (FSDP2) boft_R is written as PEFT's (m, N, b, b)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         self._adapter_being_injected = adapter_name
@@ -111,8 +76,6 @@ class BoftModel(BOFTModel):
 
     def _prepare_model(self, peft_config, model: nn.Module) -> None:
         # PEFT calls this after resolving the config and before replacing any module.
-        from ..distributed.fsdp import ShardingOrderError, is_fsdp2_sharded
-
         if is_fsdp2_sharded(model):
             raise ShardingOrderError(
                 "cannot add a BOFT adapter to a model already sharded with FSDP2 (fully_shard): the new adapter "
@@ -129,8 +92,6 @@ class BoftModel(BOFTModel):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         # Every PEFT load path (from_pretrained, load_adapter, set_peft_model_state_dict) passes here before
         # copying tensors: check them all, and on a mismatch take the just-injected adapter out again.
-        from ..checkpoint import BoftCheckpointError, check_adapter_tensors
-
         problems = check_adapter_tensors(state_dict, expected_adapter_shapes(model, adapter_name), config.to_dict())
         if problems:
             undo_adapter(model, adapter_name)
@@ -138,16 +99,13 @@ class BoftModel(BOFTModel):
                 f"the checkpoint for adapter '{adapter_name}' does not fit this model; the adapter was not added:\n  - "
                 + "\n  - ".join(problems)
             )
-        state_dict = dict(state_dict)
-        for prefix, _, name in block_major_layers(model):
-            if name == adapter_name and prefix in state_dict:  # PEFT's layout in the file, block-major in memory
-                state_dict[prefix] = state_dict[prefix].transpose(0, 1).contiguous()
+        state_dict = from_peft_layout(model, adapter_name, state_dict)  # PEFT's layout on disk, maybe block-major here
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     def _create_and_replace(self, boft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
-        if isinstance(target, BoftLayerMixin):
+        if isinstance(target, BoftLayer):
             target.update_layer(adapter_name, config=boft_config)
             return
         new_module = self._create_new_module(boft_config, adapter_name, target)

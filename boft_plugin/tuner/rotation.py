@@ -17,7 +17,14 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..ops.butterfly import application_group, cayley, compose_effective_blocks, group_blocks, multiplicative_dropout
+from ..ops.butterfly import (
+    application_group,
+    cayley,
+    compose_effective_blocks,
+    effective_block_size,
+    group_blocks,
+    multiplicative_dropout,
+)
 
 _DEFAULT_MIN_WIDTH = {"cpu": 16, "cuda": 64}
 
@@ -30,7 +37,7 @@ def min_application_width(device: torch.device) -> int:
     return _DEFAULT_MIN_WIDTH.get(device.type, 64)
 
 
-def rotation_blocks_from(boft_r: Tensor, dropout_p: float = 0.0) -> Tensor:
+def effective_blocks_from(boft_r: Tensor, dropout_p: float = 0.0) -> Tensor:
     """Effective blocks ``(K, Be, Be)`` from full ``boft_R`` ``(m, N, b, b)``; float32 whatever autocast says."""
     with torch.autocast(device_type=boft_r.device.type, enabled=False):
         blocks = cayley(boft_r)
@@ -41,7 +48,7 @@ def rotation_blocks_from(boft_r: Tensor, dropout_p: float = 0.0) -> Tensor:
 
 def _grouped_blocks(boft_r: Tensor, dropout_p: float, group: int) -> Tensor:
     with torch.autocast(device_type=boft_r.device.type, enabled=False):
-        return group_blocks(rotation_blocks_from(boft_r, dropout_p), group)
+        return group_blocks(effective_blocks_from(boft_r, dropout_p), group)
 
 
 def application_blocks(boft_r: Tensor, dropout_p: float, min_width: int, tokens: int | None = None) -> Tensor:
@@ -52,7 +59,7 @@ def application_blocks(boft_r: Tensor, dropout_p: float, min_width: int, tokens:
         tokens: rows of activations the blocks will multiply (None: unknown, always recompute in backward).
     """
     m, n_blocks, b, _ = boft_r.shape
-    effective = b * 2 ** (m - 1)
+    effective = effective_block_size(b, m)
     group = application_group(n_blocks // 2 ** (m - 1), effective, min_width)
     heavy = tokens is None or m * effective > tokens
     if m > 1 and heavy and torch.is_grad_enabled() and boft_r.requires_grad:

@@ -14,17 +14,14 @@ from peft.tuners.boft.model import BOFTModel
 from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers
 from torch import nn
 
-from .geometry import Geometry, GeometryError, resolve_geometry, suggest_valid_choices
-from .layer import BoftLayerMixin
+from .errors import BoftTargetError
+from .geometry import Geometry, GeometryError, resolve_geometry, scale_shape, suggest_valid_choices
+from .layer import BoftLayer
 
 try:  # transformers is optional for the tuner itself
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency of the package
     Conv1D = None
-
-
-class BoftTargetError(ValueError):
-    """One or more targeted modules cannot take the requested BOFT adapter; nothing was modified."""
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -74,7 +71,7 @@ class TargetPlan:
 
     @property
     def scale_shape(self) -> tuple[int, int]:
-        return (1, self.out_features) if self.kind == "conv2d" else (self.out_features, 1)
+        return scale_shape(self.kind, self.out_features)
 
 
 def _out_features(module: nn.Module) -> int:
@@ -84,9 +81,28 @@ def _out_features(module: nn.Module) -> int:
     return module.out_channels if kind == "conv2d" else module.out_features
 
 
+def resolve_target_modules(config, model: nn.Module):
+    """A copy of ``config`` with ``target_modules`` resolved as PEFT resolves it when it adapts ``model``: PEFT's
+    per-architecture default when unset, ``all-linear`` expanded. Raises :class:`BoftTargetError` when PEFT has no
+    default for the model type."""
+    config = copy.copy(config)
+    if config.target_modules is None:
+        from peft.utils import TRANSFORMERS_MODELS_TO_BOFT_TARGET_MODULES_MAPPING as defaults
+
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        default = defaults.get(model_type)
+        if default is None:
+            raise BoftTargetError(f"PEFT has no default BOFT target modules for model type {model_type!r}; list them")
+        config.target_modules = default if isinstance(default, str) else set(default)
+    return _maybe_include_all_linear_layers(config, model)
+
+
 def plan_targets(model: nn.Module, config) -> tuple[dict[str, TargetPlan], list[str]]:
-    """Modules ``config`` targets in ``model`` (names relative to ``model``) and the problems found, if any."""
-    config = _maybe_include_all_linear_layers(copy.copy(config), model)
+    """Modules ``config`` targets in ``model`` (names relative to ``model``) and the problems found, if any.
+
+    Works on a model on the meta device (no weights needed): the recipes check a config before loading anything.
+    """
+    config = resolve_target_modules(config, model)
     tuner_prefixes: list[str] = []
     problems: list[str] = []
     plans: dict[str, TargetPlan] = {}
@@ -99,7 +115,7 @@ def plan_targets(model: nn.Module, config) -> tuple[dict[str, TargetPlan], list[
         if not matched or type(matched).__name__ == "_ExcludedModule":
             continue
         base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-        if isinstance(module, BOFTLayer) and not isinstance(module, BoftLayerMixin):
+        if isinstance(module, BOFTLayer) and not isinstance(module, BoftLayer):
             problems.append(
                 f"{key}: holds a stock PEFT BOFT layer built before boft_plugin.register(); rebuild the model "
                 "after register() to add adapters"

@@ -12,31 +12,23 @@ import argparse
 import sys
 
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
 
-from boft_plugin.stock_peft import stock_peft_boft
+from boft_plugin.recipes.verify import reload_and_compare
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--base", required=True)
-    parser.add_argument("--atol", type=float, default=1e-4)
+    parser.add_argument("--tolerance", type=float, default=1e-5, help="max relative logit error")
     parser.add_argument("runs", nargs="+")
     args = parser.parse_args()
     for run in args.runs:
         saved = torch.load(f"{run}/logits.pt", weights_only=True)
-        with stock_peft_boft(multi_factor=True), torch.no_grad():
-            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(args.base), f"{run}/adapter")
-            adapter_logits = model.eval()(input_ids=saved["probe"]).logits
-        with torch.no_grad():
-            merged = AutoModelForCausalLM.from_pretrained(f"{run}/merged").eval()
-            merged_logits = merged(input_ids=saved["probe"]).logits
-        for what, logits in (("stock PEFT adapter", adapter_logits), ("merged model", merged_logits)):
-            err = (logits - saved["logits"]).abs().max().item()
-            print(f"{run}: {what} max |logit diff| = {err:.2e}")
-            if not err < args.atol:
-                print(f"MISMATCH: {what} reloaded from {run} differs from the trained model by {err}", file=sys.stderr)
+        report = reload_and_compare(f"{run}/adapter", args.base, saved["probe"], saved["logits"], f"{run}/merged")
+        for key in ("oracle_rel_err", "merged_rel_err"):
+            print(f"{run}: {key} = {report[key]:.2e} ({report['stock_layer']})")
+            if not report[key] <= args.tolerance:
+                print(f"MISMATCH: {key} of {run} is {report[key]}", file=sys.stderr)
                 return 1
     return 0
 

@@ -34,20 +34,6 @@ def parse() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def ds_config(stage: int, global_batch: int, world: int) -> dict:
-    return {
-        "train_batch_size": global_batch,
-        "train_micro_batch_size_per_gpu": global_batch // world,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
-        "zero_allow_untested_optimizer": True,
-        "fp16": {"enabled": False},
-        "bf16": {"enabled": False},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
 def materialize_from_meta(model, base_dir: str) -> None:
     """The FSDP2 meta-device recipe: allocate shards, load the base weights, re-initialise the adapter."""
     from safetensors.torch import load_file
@@ -76,9 +62,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     import boft_plugin
-    from boft_plugin.distributed.engines import init_cpu_process_group, optimizer_step
-    from boft_plugin.distributed.fsdp import shard_for_fsdp2
     from boft_plugin.distributed.report import adapter_shards
+    from boft_plugin.testing.engines import deepspeed_config, init_cpu_process_group, optimizer_step, wrap_for_engine
 
     distributed = args.engine != "single"
     rank, world = init_cpu_process_group(args.engine)
@@ -90,7 +75,7 @@ def main() -> None:
         if args.engine == "zero3_init":
             from transformers.integrations import HfDeepSpeedConfig
 
-            config = ds_config(3, args.global_batch, world)
+            config = deepspeed_config(3, args.global_batch // world, world, stage3_param_persistence_threshold=0)
             keep_alive = HfDeepSpeedConfig(config)  # must outlive from_pretrained: it turns on zero.Init
         if args.engine == "fsdp2_meta":
             from transformers import AutoConfig
@@ -107,26 +92,11 @@ def main() -> None:
             init_weights=args.init == "identity",
         )
         model = get_peft_model(base, peft_config)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=args.lr)
-        engine = None
-        if args.engine in ("zero2", "zero3", "zero3_init"):
-            import deepspeed
-
-            stage = 2 if args.engine == "zero2" else 3
-            engine, optimizer, _, _ = deepspeed.initialize(
-                model=model, optimizer=optimizer, config=ds_config(stage, args.global_batch, world)
-            )
-            runner = engine
-        elif args.engine == "ddp":
-            runner = torch.nn.parallel.DistributedDataParallel(model)
-        elif args.engine in ("fsdp2", "fsdp2_meta"):
-            runner = shard_for_fsdp2(model)
-            if args.engine == "fsdp2_meta":
-                materialize_from_meta(model, args.base)
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-        else:
-            runner = model
+        runner, optimizer, engine = wrap_for_engine(
+            args.engine, model, args.lr, args.global_batch // world, world, stage3_param_persistence_threshold=0
+        )
+        if args.engine == "fsdp2_meta":
+            materialize_from_meta(model, args.base)
 
         ids = torch.randint(
             0, base.config.vocab_size, (args.global_batch, args.seq), generator=torch.Generator().manual_seed(7)

@@ -23,7 +23,7 @@ Examples::
 
 Stock PEFT on a machine without CUDA tries (and fails) to compile its ``fbd_cuda`` extension on first use and
 then silently uses one butterfly factor, so ``--stock`` runs test m = 1 only, whatever the case configures.
-``--stock-multi-factor`` patches stock PEFT (DESIGN.md section 3) so that it keeps m and runs its real dense
+``--stock-multi-factor`` patches stock PEFT (docs/design.md, "Oracle") so that it keeps m and runs its real dense
 m-factor maths on the CPU: the closest stock reference for the m > 1 cases.
 """
 
@@ -95,7 +95,7 @@ def pytest_sessionstart(session):
     if MODE == "plugin":
         _register()
     elif MODE == "stock-multi-factor":
-        # Stock PEFT with its real m > 1 maths on the CPU (boft-plugin DESIGN.md section 3): PEFT believes its
+        # Stock PEFT with its real m > 1 maths on the CPU (docs/design.md, "Oracle"): PEFT believes its
         # CUDA extension loaded and builds its block-diagonal with torch.block_diag per factor.
         from boft_plugin.stock_peft import stock_peft_boft
 
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument(
         "--stock-multi-factor",
         action="store_true",
-        help="stock PEFT, patched to keep boft_n_butterfly_factor > 1 without its CUDA extension (DESIGN.md 3)",
+        help="stock PEFT, patched to keep boft_n_butterfly_factor > 1 without its CUDA extension (docs/design.md)",
     )
     parser.add_argument("--cache-dir", type=Path, help="default: ~/.cache/boft-plugin/peft-tests-<peft version>")
     parser.add_argument("--peft-version", help="default: the installed peft version (use with care)")

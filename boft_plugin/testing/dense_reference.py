@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .butterfly import cayley
+from ..ops.butterfly import cayley
 
 
 def peft_block_butterfly_perm(n: int, b: int, r: int, n_butterfly_factor: int) -> Tensor:

@@ -1,7 +1,7 @@
 """Synthetic tasks a tiny model learns in seconds, and a tiny "pretrained" base model, all made locally.
 
 - base model (:func:`make_toy_base`): a tiny Llama briefly trained in full on *copying* strings in the chat format
-  of :func:`boft_plugin.toy.char_tokenizer` (a stand-in for a pretrained checkpoint);
+  of :func:`boft_plugin.tiny_models.char_tokenizer` (a stand-in for a pretrained checkpoint);
 - SFT (:func:`sft_examples`): *reverse* the string; the base model copies, so BOFT has something to learn;
 - DPO (:func:`preference_examples`): the reversed string (chosen) over the copied one (rejected), the base
   model's habit.
@@ -97,7 +97,7 @@ def make_toy_base(
     """
     import torch
 
-    from ..toy import char_tokenizer, tiny_llama
+    from .tiny_models import char_tokenizer, tiny_llama
 
     tokenizer = char_tokenizer()
     model = tiny_llama(seed, **config)
@@ -132,47 +132,3 @@ def _pretrain(model, tokenizer, seed: int, steps: int, batch_size: int, lr: floa
             optimizer.step()
             optimizer.zero_grad()
     model.eval()
-
-
-def write_tiny_data(directory: str | os.PathLike, n_sft: int = 64, n_dpo: int = 32) -> dict[str, Path]:
-    """Small SFT (plain prompt/completion) and preference files for quick runs; returns their paths."""
-    directory = Path(directory)
-    return {
-        "sft": write_jsonl(sft_examples(n_sft, seed=0, fmt="prompt_completion"), directory / "sft.jsonl"),
-        "dpo": write_jsonl(preference_examples(n_dpo, seed=1, conversational=False), directory / "dpo.jsonl"),
-    }
-
-
-def tiny_recipe(task: str, output_dir: str | os.PathLike, data: dict[str, Path], **overrides) -> dict:
-    """A recipe mapping that trains in seconds on a tiny random Llama (used by the tests).
-
-    SFT: ``tiny_model`` with BOFT b=4, m=2 on all linear layers. DPO: set ``init_adapter`` (or ``boft_*`` keys) in
-    ``overrides``. Evaluation (on a slice of the training file) runs at the start, midway and at the end.
-    """
-    recipe = {
-        "output_dir": str(output_dir),
-        "max_steps": 6,
-        "per_device_train_batch_size": 4,
-        "per_device_eval_batch_size": 8,
-        "learning_rate": 1.0e-2,
-        "max_length": 32,
-        "logging_steps": 2,
-        "eval_strategy": "steps",
-        "eval_steps": 3,
-        "eval_on_start": True,
-        "save_strategy": "no",
-        "bf16": False,
-        "gradient_checkpointing": False,
-        "report_to": "none",
-        "disable_tqdm": True,
-        "seed": 0,
-        "probe_text": "reverse abcdef=",
-        "dataset_name": str(data[task]),
-        "eval_dataset_name": str(data[task]),
-    }
-    if task == "sft":
-        recipe.update(tiny_model=True, boft_block_size=4, boft_n_butterfly_factor=2, boft_target_modules=["all-linear"])
-    else:
-        recipe.update(beta=0.1)
-    recipe.update(overrides)
-    return recipe

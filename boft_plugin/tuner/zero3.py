@@ -1,4 +1,7 @@
-"""DeepSpeed ZeRO-3 glue for BOFT layers.
+"""The layer's side of DeepSpeed ZeRO-3: which adapter tensors a BOFT layer uses in every forward.
+
+It lives in the tuner (not in ``distributed/``) because the hook must be installed when a layer is built; it imports
+DeepSpeed only when DeepSpeed is already loaded, so the tuner keeps no dependency on it.
 
 A BOFT layer reads ``boft_R`` / ``boft_s`` from ``ParameterDict`` children whose own ``forward`` never runs, so
 ZeRO-3 learns which adapter tensors a layer uses only as they are read, and from its first step on it expects

@@ -1,4 +1,4 @@
-"""Read and check a PEFT BOFT adapter before anything is loaded; load it only if it fits.
+"""Adapter directories on disk: read and check a PEFT BOFT adapter before anything is loaded; load it only if it fits.
 
 Every problem is reported with the file, the key or module, the value found and what would be valid; nothing
 the user had (files, model) is modified when a check fails. Weights are read only from safetensors, or, when the
@@ -15,16 +15,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AdapterCheckpoint", "BoftCheckpointError", "check_adapter_tensors", "load_adapter", "read_adapter"]
+from .tuner.errors import BoftCheckpointError
+from .tuner.state_dict import Shapes, check_adapter_tensors, planned_adapter_shapes
+
+__all__ = ["AdapterCheckpoint", "BoftCheckpointError", "load_adapter", "read_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
-PEFT_PREFIX = "base_model.model."
-
-
-class BoftCheckpointError(ValueError):
-    """An adapter checkpoint cannot be loaded as it is; nothing was loaded or changed."""
 
 
 @dataclass
@@ -92,74 +90,13 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
     return AdapterCheckpoint(path=path, config=config, tensors=tensors, weights_file=weights_file)
 
 
-def _module_of(key: str) -> tuple[str, str] | None:
-    """``'base_model.model.a.b.boft_R'`` -> ``('a.b', 'boft_R')``; None for non-adapter keys."""
-    for suffix in ("boft_R", "boft_s"):
-        if key.endswith("." + suffix):
-            return key[: -len(suffix) - 1].removeprefix(PEFT_PREFIX), suffix
-    return None
-
-
-def check_adapter_tensors(
-    tensors: dict[str, Tensor], expected: dict[str, dict[str, tuple[int, ...]]], config: dict
-) -> list[str]:
-    """Problems of a checkpoint's tensors against the expected shapes (``{module: {"boft_R": shape, ...}}``)."""
-    problems: list[str] = []
-    found: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            bad = int((~torch.isfinite(tensor)).sum())
-            problems.append(f"{key}: {bad} of {tensor.numel()} values are NaN or Inf")
-        owner = _module_of(key)
-        if owner:
-            found.setdefault(owner[0], {})[owner[1]] = tensor
-    m_config = config.get("boft_n_butterfly_factor")
-    for module, shapes in expected.items():
-        if module not in found:
-            problems.append(f"{module}: targeted by the config in this model, but the file has no tensors for it")
-            continue
-        for name, shape in shapes.items():
-            tensor = found[module].get(name)
-            if tensor is None:
-                problems.append(f"{PEFT_PREFIX}{module}.{name}: missing from the file")
-            elif tuple(tensor.shape) != tuple(shape):
-                message = (
-                    f"{PEFT_PREFIX}{module}.{name}: shape {tuple(tensor.shape)} in the file, {tuple(shape)} expected"
-                )
-                if name == "boft_R" and tuple(tensor.shape[1:]) == tuple(shape[1:]) and tensor.shape[0] != shape[0]:
-                    message += (
-                        f" (adapter_config.json says boft_n_butterfly_factor={m_config} but the tensors hold "
-                        f"{tensor.shape[0]} factor(s)"
-                    )
-                    message += (
-                        ": this is what stock PEFT writes when its CUDA extension cannot build, it trains with one "
-                        "factor and keeps the configured value in the file)"
-                        if tensor.shape[0] == 1
-                        else ")"
-                    )
-                problems.append(message)
-    extra = sorted(set(found) - set(expected))
-    for module in extra:
-        problems.append(
-            f"{PEFT_PREFIX}{module}: the file has an adapter for this module, which this model does not have or the "
-            "config does not target (an adapter for another base model?)"
-        )
-    if any("factor(s)" in p for p in problems):
-        problems.append(
-            "remedy: load the adapter as what it really is with boft_plugin.load_adapter(model, path, "
-            "butterfly_factor='tensors') (or set boft_n_butterfly_factor to the tensors' count in "
-            f"{CONFIG_NAME})"
-        )
-    return problems
-
-
-def _expected_shapes(model: nn.Module, config) -> dict[str, dict[str, tuple[int, ...]]]:
+def _expected_shapes(model: nn.Module, config) -> Shapes:
     from .tuner.targets import plan_targets
 
     plans, problems = plan_targets(model, config)
     if problems:
         raise BoftCheckpointError("the adapter's config does not fit this model:\n  - " + "\n  - ".join(problems))
-    return {name: {"boft_R": plan.geometry.param_shape, "boft_s": plan.scale_shape} for name, plan in plans.items()}
+    return planned_adapter_shapes(plans)
 
 
 def _factors_in_tensors(checkpoint: AdapterCheckpoint) -> int:

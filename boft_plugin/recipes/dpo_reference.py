@@ -27,11 +27,12 @@ def sync_reference_adapter(model, adapter: str = "default", reference: str = REF
             ref_name = ".".join(reference if part == adapter else part for part in parts)
             if ref_name not in params:
                 raise RuntimeError(f"reference adapter has no tensor {ref_name} for {name}")
-            source = param.full_tensor() if hasattr(param, "full_tensor") else param  # FSDP2 (collective)
             target = params[ref_name]
-            if hasattr(target, "full_tensor") and not hasattr(source, "full_tensor"):
+            source_sharded, target_sharded = hasattr(param, "full_tensor"), hasattr(target, "full_tensor")
+            if target_sharded and not source_sharded:
                 raise RuntimeError(f"reference tensor {ref_name} is sharded but {name} is not")
-            target.copy_(source)
+            # FSDP2: two DTensors with the same placements copy shard to shard; a sharded source is gathered
+            target.copy_(param.full_tensor() if source_sharded and not target_sharded else param)
             target.requires_grad_(False)
             copied += 1
     if copied == 0:
@@ -43,7 +44,7 @@ def add_reference_adapter(model, adapter: str = "default") -> None:
     """Add the frozen ``ref`` adapter (a copy of ``adapter``) to a ``PeftModel`` now, as TRL would in DPO.
 
     For FSDP2 pre-sharding: adapters cannot be added after ``fully_shard``, so the reference is added before and
-    TRL's own ``add_adapter("ref")`` is skipped (see :mod:`boft_plugin.recipes.train`).
+    TRL's own ``add_adapter("ref")`` is skipped (see :class:`boft_plugin.recipes.trainers.BoftDPOTrainer`).
     """
     model.add_adapter(REFERENCE_ADAPTER, model.peft_config[adapter])
     sync_reference_adapter(model, adapter=adapter)

@@ -1,0 +1,65 @@
+"""Trainer callbacks the recipes install: complete checkpoints, memory in the logs, DPO's exact reference."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from ..distributed.gather import barrier, rank
+from .checkpoints import rotate, write_marker
+
+
+class CompleteCheckpoints(TrainerCallback):
+    """After each save: wait for all ranks, mark the checkpoint complete, then rotate (rank 0).
+
+    ``keep`` is the run's ``save_total_limit``; the Trainer's own rotation is switched off by the trainer mixin so
+    that only complete checkpoints are ever counted or removed.
+    """
+
+    def __init__(self, keep: int | None):
+        self.keep = keep
+
+    def on_save(self, args, state, control, **kwargs):
+        barrier()
+        if rank() == 0:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            delay = float(os.environ.get("BOFT_PLUGIN_COMMIT_DELAY_S", "0") or 0)
+            if delay:  # emulate a slow shared filesystem: widens the window a kill can hit (tests use it)
+                time.sleep(delay)
+            write_marker(checkpoint, state.global_step)
+            rotate(args.output_dir, self.keep)
+        barrier()
+        return control
+
+
+class LogMemory(TrainerCallback):
+    """Adds this process's resident memory (``rss_mib``) to every log entry: a long run's should stay flat."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        import psutil
+
+        rss = round(psutil.Process().memory_info().rss / 2**20, 1)
+        if logs is not None:
+            logs["rss_mib"] = rss
+        if state.log_history:  # the Trainer stored this entry before calling back: add it there too
+            state.log_history[-1]["rss_mib"] = rss
+
+
+class SyncReferenceAdapter(TrainerCallback):
+    """At the end of the Trainer's constructor, make TRL's DPO ``ref`` adapter an exact copy of ``default``.
+
+    TRL adds ``ref`` to a ``PeftModel`` it is given and copies only parameters named ``*.default.*``; BOFT's are
+    ``*.boft_R.default``, so without this the reference would stay at the identity (the base model, not the adapter
+    DPO continues from). ``on_init_end`` runs inside ``Trainer.__init__``, after TRL added ``ref`` and before it
+    may use it (``precompute_ref_log_probs``).
+    """
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        from .dpo_reference import sync_reference_adapter
+
+        if model is not None:
+            sync_reference_adapter(model)
+        return control

@@ -1,0 +1,112 @@
+"""TRL's SFT and DPO trainers with boft-plugin's behaviour added through a mixin and callbacks (no patching).
+
+:class:`BoftTrainerMixin` adds, to any transformers ``Trainer`` subclass:
+
+- kill-safe checkpoints: the Trainer's own rotation is off, ``callbacks.CompleteCheckpoints`` marks and rotates;
+- ``resume_from_checkpoint`` values ``auto`` / ``true`` resolved to the newest *complete* checkpoint, and DeepSpeed
+  checkpoints written by another number of ranks loaded through the universal format;
+- under FSDP2 pre-sharding, Trainer checkpoints through ``torch.distributed.checkpoint`` (``dcp_checkpoints``)
+  and the end-of-run ``save_model`` as a gathered PEFT adapter;
+- under accelerate's FSDP plugin (GPUs), ``boft_R`` held block-major so that FSDP2 shards whole blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from trl import DPOTrainer, SFTTrainer
+
+from ..distributed.fsdp import is_fsdp2_sharded, store_block_major
+from . import dcp_checkpoints
+from .callbacks import CompleteCheckpoints, LogMemory, SyncReferenceAdapter
+from .checkpoints import resolve_resume
+from .dpo_reference import REFERENCE_ADAPTER
+from .universal_checkpoints import prepare_deepspeed_resume
+
+__all__ = ["BoftDPOTrainer", "BoftSFTTrainer", "BoftTrainerMixin"]
+
+
+class BoftTrainerMixin:
+    """Put first in the bases of a transformers ``Trainer`` subclass (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # rotation happens after the completion marker, in CompleteCheckpoints, so it only counts complete ones
+        keep, self.args.save_total_limit = self.args.save_total_limit, None
+        self.add_callback(CompleteCheckpoints(keep))
+        self.add_callback(LogMemory())
+        self.boft_fsdp2_pre_sharded = is_fsdp2_sharded(self.model)
+        if getattr(self, "is_fsdp_enabled", False):  # accelerate's FSDP2 plugin shards every parameter on dim 0
+            store_block_major(self.model)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        resume = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        prepare_deepspeed_resume(self, resume)
+        return super().train(resume, *args, **kwargs)
+
+    # -- FSDP2 pre-sharded: checkpoints through torch.distributed.checkpoint ------------------------------------
+    def save_model(self, output_dir=None, _internal_call=False):
+        if not self.boft_fsdp2_pre_sharded:
+            return super().save_model(output_dir, _internal_call)
+        from ..export import export_adapter
+
+        export_adapter(self.model, output_dir or self.args.output_dir)  # collective, gathered, rank 0 writes
+        return None
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if not self.boft_fsdp2_pre_sharded:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        return dcp_checkpoints.save_sharded_state(self, output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not self.boft_fsdp2_pre_sharded:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        return None  # the adapter comes back with the optimizer, from the sharded state (below)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if not self.boft_fsdp2_pre_sharded:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            dcp_checkpoints.load_sharded_state(self, checkpoint)
+        return None
+
+
+class BoftSFTTrainer(BoftTrainerMixin, SFTTrainer):
+    """TRL's ``SFTTrainer`` with :class:`BoftTrainerMixin`."""
+
+
+class BoftDPOTrainer(BoftTrainerMixin, DPOTrainer):
+    """TRL's ``DPOTrainer`` with :class:`BoftTrainerMixin` and an exact BOFT reference adapter.
+
+    The ``ref`` adapter TRL adds is synced by ``callbacks.SyncReferenceAdapter``. Under FSDP2 pre-sharding the
+    builder has added (and synced) ``ref`` before sharding, since FSDP2 cannot manage an adapter added later; TRL's
+    constructor adds ``ref`` unconditionally, so for that one call the existing adapter is kept. This is the only
+    place where boft-plugin steps into a TRL call.
+    """
+
+    def __init__(self, *args, callbacks=None, **kwargs):
+        callbacks = [*(callbacks or []), SyncReferenceAdapter()]
+        model = kwargs.get("model", args[0] if args else None)
+        with _keep_existing_reference(model):
+            super().__init__(*args, callbacks=callbacks, **kwargs)
+
+
+@contextlib.contextmanager
+def _keep_existing_reference(model):
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel) or REFERENCE_ADAPTER not in model.peft_config:
+        yield
+        return
+    original = model.add_adapter
+
+    def add_adapter(adapter_name, peft_config, *args, **kwargs):
+        if adapter_name == REFERENCE_ADAPTER:
+            return None
+        return original(adapter_name, peft_config, *args, **kwargs)
+
+    model.add_adapter = add_adapter
+    try:
+        yield
+    finally:
+        del model.add_adapter

@@ -1,0 +1,54 @@
+"""Recipe mappings and data files that train in seconds on a tiny random Llama (tests and benchmarks only)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..synthetic_tasks import preference_examples, sft_examples, write_jsonl
+
+__all__ = ["tiny_recipe", "write_tiny_data"]
+
+
+def write_tiny_data(directory: str | os.PathLike, n_sft: int = 64, n_dpo: int = 32) -> dict[str, Path]:
+    """Small SFT (plain prompt/completion) and preference files for quick runs; returns their paths."""
+    directory = Path(directory)
+    return {
+        "sft": write_jsonl(sft_examples(n_sft, seed=0, fmt="prompt_completion"), directory / "sft.jsonl"),
+        "dpo": write_jsonl(preference_examples(n_dpo, seed=1, conversational=False), directory / "dpo.jsonl"),
+    }
+
+
+def tiny_recipe(task: str, output_dir: str | os.PathLike, data: dict[str, Path], **overrides) -> dict:
+    """A recipe mapping that trains in seconds on a tiny random Llama (used by the tests).
+
+    SFT: ``tiny_model`` with BOFT b=4, m=2 on all linear layers. DPO: set ``init_adapter`` (or ``boft_*`` keys) in
+    ``overrides``. Evaluation (on a slice of the training file) runs at the start, midway and at the end.
+    """
+    recipe = {
+        "output_dir": str(output_dir),
+        "max_steps": 6,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 8,
+        "learning_rate": 1.0e-2,
+        "max_length": 32,
+        "logging_steps": 2,
+        "eval_strategy": "steps",
+        "eval_steps": 3,
+        "eval_on_start": True,
+        "save_strategy": "no",
+        "bf16": False,
+        "activation_checkpointing": False,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "seed": 0,
+        "probe_text": "reverse abcdef=",
+        "dataset_name": str(data[task]),
+        "eval_dataset_name": str(data[task]),
+    }
+    if task == "sft":
+        recipe.update(tiny_model=True, boft_block_size=4, boft_n_butterfly_factor=2, boft_target_modules=["all-linear"])
+    else:
+        recipe.update(beta=0.1)
+    recipe.update(overrides)
+    return recipe
