@@ -1,7 +1,9 @@
 """Kill-and-resume and world-size changes with real launcher process trees (gloo, 127.0.0.1).
 
 One uninterrupted reference run (DDP, 2 ranks, global batch 8, 8 steps) gives the adapter every interrupted run
-must reach. The interrupted runs are SIGKILLed (the whole launcher process tree) during a checkpoint save or
+must reach. The training set has 21 rows, not a multiple of the global batch, so every run crosses several epoch
+ends with a partial last batch: the data order must not depend on the number of ranks (recipes/data_order.py).
+The interrupted runs are SIGKILLed (the whole launcher process tree) during a checkpoint save or
 during a training step, and resumed with ``resume_from_checkpoint: auto`` (the newest complete checkpoint), on
 the same or another number of ranks (gradient accumulation keeps the global batch at 8).
 """
@@ -60,8 +62,8 @@ def recipe(tmp_path: Path, name: str, data: dict, world: int, **extra) -> str:
 
 def command(config: str, world: int, engine: str) -> list[str]:
     cli = ["boft_plugin", "sft", "--config", config]
-    if engine == "zero3":
-        return accelerate_cmd(str(REPO / "integrations/accelerate/zero3.yaml"), ["-m", *cli], num_processes=world)
+    if engine in ("zero2", "zero3"):
+        return accelerate_cmd(str(REPO / f"integrations/accelerate/{engine}.yaml"), ["-m", *cli], num_processes=world)
     if world == 1:
         return [sys.executable, "-m", *cli]
     return torchrun_cmd(cli, nproc_per_node=world, module=True)
@@ -140,9 +142,12 @@ def ckpt_complete(out: Path, step: int, then: float = 0.0):
     return ready
 
 
+TRAIN_ROWS = 21  # 2 full global batches of 8 and 5 rows left at every epoch's end
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return write_tiny_data(tmp_path_factory.mktemp("data"))
+    return write_tiny_data(tmp_path_factory.mktemp("data"), n_sft=TRAIN_ROWS)
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +200,17 @@ def test_zero3_kill_during_save_resume_on_1_then_2_ranks(tmp_path, data, referen
     assert f"resuming from {out / 'checkpoint-6'}" in output and "written by 1 rank, resuming on 2" in output
     assert_same_adapter(out, reference)
     assert complete_checkpoints_intact(out) == [6, 8]
+
+
+def test_zero2_kill_during_step_resume_on_1_rank(tmp_path, data, reference):
+    """ZeRO-2 partitions gradients and optimizer state: 2 ranks -> 1 rank through the universal format too."""
+    out = tmp_path / "out"
+    run_and_kill(command(recipe(tmp_path, "out", data, 2), 2, "zero2"), ckpt_complete(out, 4))
+    last = last_complete_checkpoint(out)
+    assert last is not None and last.name in ("checkpoint-4", "checkpoint-6")
+    output = resume(command(recipe(tmp_path, "out", data, 1), 1, "zero2"), "ZeRO-2 resume on 1 rank")
+    assert f"resuming from {last}" in output and "written by 2 ranks, resuming on 1" in output
+    assert_same_adapter(out, reference)
 
 
 def test_fsdp2_kill_during_step_on_4_ranks_resume_on_2(tmp_path, data, reference):

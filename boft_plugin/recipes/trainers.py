@@ -7,7 +7,9 @@
   checkpoints written by another number of ranks loaded through the universal format;
 - under FSDP2 pre-sharding, Trainer checkpoints through ``torch.distributed.checkpoint`` (``dcp_checkpoints``)
   and the end-of-run ``save_model`` as a gathered PEFT adapter;
-- under accelerate's FSDP plugin (GPUs), ``boft_R`` held block-major so that FSDP2 shards whole blocks.
+- under accelerate's FSDP plugin (GPUs), ``boft_R`` held block-major so that FSDP2 shards whole blocks;
+- with ``data_order.WorldSizeInvariantDataMixin``: the rows of each optimizer step do not depend on the number of
+  ranks (``data_order_tail`` says what happens to an epoch's last partial global batch).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..distributed.fsdp import is_fsdp2_sharded, store_block_major
 from . import dcp_checkpoints
 from .callbacks import CompleteCheckpoints, LogMemory, SyncReferenceAdapter
 from .checkpoints import resolve_resume
+from .data_order import WorldSizeInvariantDataMixin
 from .dpo_reference import REFERENCE_ADAPTER
 from .universal_checkpoints import prepare_deepspeed_resume
 
@@ -29,7 +32,8 @@ __all__ = ["BoftDPOTrainer", "BoftSFTTrainer", "BoftTrainerMixin"]
 class BoftTrainerMixin:
     """Put first in the bases of a transformers ``Trainer`` subclass (see the module docstring)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, data_order_tail: str = "drop", **kwargs):
+        self.data_order_tail = data_order_tail  # read by WorldSizeInvariantDataMixin when the loader is built
         super().__init__(*args, **kwargs)
         # rotation happens after the completion marker, in CompleteCheckpoints, so it only counts complete ones
         keep, self.args.save_total_limit = self.args.save_total_limit, None
@@ -71,11 +75,11 @@ class BoftTrainerMixin:
         return None
 
 
-class BoftSFTTrainer(BoftTrainerMixin, SFTTrainer):
-    """TRL's ``SFTTrainer`` with :class:`BoftTrainerMixin`."""
+class BoftSFTTrainer(BoftTrainerMixin, WorldSizeInvariantDataMixin, SFTTrainer):
+    """TRL's ``SFTTrainer`` with :class:`BoftTrainerMixin` and a world-size-invariant data order."""
 
 
-class BoftDPOTrainer(BoftTrainerMixin, DPOTrainer):
+class BoftDPOTrainer(BoftTrainerMixin, WorldSizeInvariantDataMixin, DPOTrainer):
     """TRL's ``DPOTrainer`` with :class:`BoftTrainerMixin` and an exact BOFT reference adapter.
 
     The ``ref`` adapter TRL adds is synced by ``callbacks.SyncReferenceAdapter``. Under FSDP2 pre-sharding the
