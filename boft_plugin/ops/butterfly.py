@@ -18,7 +18,6 @@ __all__ = [
     "application_group",
     "butterfly_perm",
     "group_blocks",
-    "scale_shift",
     "cayley",
     "compose_effective_blocks",
     "effective_block_size",
@@ -99,7 +98,11 @@ def cayley(weight: Tensor) -> Tensor:
 
 
 def multiplicative_dropout(blocks: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
-    """PEFT's ``MultiplicativeDropoutLayer``: in one random factor, ``int(p * N)`` random blocks become identity.
+    """PEFT's ``MultiplicativeDropoutLayer`` with PEFT's exact random draws (same seed, same dropped blocks).
+
+    PEFT draws, on the default CPU generator: ``factor = randint(0, m)``, then ``perm = randperm(N)``, and replaces
+    block ``i`` of that factor by the identity iff ``perm[i] < k`` with ``k = int(p * N)`` (it indexes a mask *by*
+    the permutation). Both draws happen even when ``k == 0``, so the random stream stays in step with PEFT's.
 
     Args:
         blocks: ``(m, N, b, b)`` orthogonal blocks.
@@ -110,13 +113,13 @@ def multiplicative_dropout(blocks: Tensor, p: float, generator: torch.Generator 
     """
     m, n_blocks, b, _ = blocks.shape
     n_drop = int(p * n_blocks)
+    factor = int(torch.randint(0, m, (1,), generator=generator).item())
+    perm = torch.randperm(n_blocks, generator=generator)
     if n_drop == 0:
         return blocks
     device = blocks.device
-    factor = int(torch.randint(0, m, (1,), generator=generator).item())
-    dropped = torch.randperm(n_blocks, generator=generator)[:n_drop].to(device)
     mask = torch.zeros(m, n_blocks, 1, 1, dtype=torch.bool, device=device)
-    mask[factor, dropped] = True
+    mask[factor] = (perm < n_drop).to(device).view(n_blocks, 1, 1)
     eye = torch.eye(b, dtype=blocks.dtype, device=device)
     return torch.where(mask, eye, blocks)
 
@@ -247,41 +250,3 @@ def rotate_weight(weight: Tensor, effective_blocks: Tensor, inverse: bool = Fals
     w = weight.reshape(weight.shape[0], k, be).to(effective_blocks.dtype)
     pattern = "okb,kbc->okc" if inverse else "okb,kcb->okc"
     return torch.einsum(pattern, w, effective_blocks).reshape(weight.shape[0], k * be)
-
-
-class _ScaleShift(torch.autograd.Function):
-    """``y = r * s + b * (1 - s)`` (PEFT's ``(r - b) * s + b``) that saves ``y`` instead of ``r``.
-
-    The gradient of ``s`` needs ``r``; it is recovered as ``(y - b) / s``, so nothing of size ``tokens x out`` is
-    kept beyond the layer's output (which the next op usually saves anyway). Exact up to rounding while ``s`` is
-    away from 0 (it starts at 1).
-    """
-
-    @staticmethod
-    def forward(ctx, r: Tensor, s: Tensor, b: Tensor | None) -> Tensor:
-        y = r * s if b is None else torch.addcmul(b * (1 - s), r, s)
-        ctx.save_for_backward(y, s, b)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        y, s, b = ctx.saved_tensors
-        lead = tuple(range(grad.dim() - 1))
-        acc = torch.promote_types(grad.dtype, torch.float32)  # reduce over tokens in at least float32
-        grad_r = grad * s if ctx.needs_input_grad[0] else None
-        grad_s = grad_b = None
-        if ctx.needs_input_grad[1]:
-            centered = y if b is None else y - b
-            grad_s = ((grad.to(acc) * centered.to(acc)).sum(lead) / s.to(acc)).to(s.dtype)
-        if b is not None and ctx.needs_input_grad[2]:
-            grad_b = (grad.to(acc).sum(lead) * (1 - s.to(acc))).to(b.dtype)
-        return grad_r, grad_s, grad_b
-
-
-def scale_shift(r: Tensor, s: Tensor, b: Tensor | None) -> Tensor:
-    """``(r - b) * s + b`` per output column, with a memory-light backward (see :class:`_ScaleShift`).
-
-    Args:
-        r: ``(..., out)`` base-layer output (bias included); s: ``(out,)``; b: ``(out,)`` or None.
-    """
-    return _ScaleShift.apply(r, s, b)

@@ -98,8 +98,13 @@ def _shard_for_fsdp2(recipe, model, peft_config):
 
     DPO's reference adapter is added here too (an adapter added after sharding would not be managed by FSDP2); the
     DPO trainer then keeps it instead of adding its own. accelerate is told the model is already prepared, so the
-    Trainer does not wrap it in DDP (which cannot hold DTensor parameters); FSDP2 reduces the gradients itself.
+    Trainer does not wrap it in DDP (which cannot hold DTensor parameters) nor in autocast: with ``bf16`` / ``fp16``
+    FSDP2's own mixed precision computes in that dtype (``MixedPrecisionPolicy(param_dtype=..., reduce_dtype=
+    float32)``) while the sharded parameters, the optimizer and every export stay float32.
     """
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
     from ..distributed.fsdp import shard_for_fsdp2
 
     if peft_config is not None:
@@ -110,6 +115,9 @@ def _shard_for_fsdp2(recipe, model, peft_config):
         from .dpo_reference import add_reference_adapter
 
         add_reference_adapter(model)
-    shard_for_fsdp2(model)
+    training = recipe.training
+    compute = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else None
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
+    shard_for_fsdp2(model, mp_policy=policy)
     model._is_accelerate_prepared = True  # accelerate's own marker: prepare_model returns such a model as it is
     return model

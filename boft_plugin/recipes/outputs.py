@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 MERGED_DIR = "merged"
+SINGLE_FACTOR_DIR = "single_factor"
 PROBE_FILE = "probe_logits.pt"
 SUMMARY_FILE = "boft_run_summary.json"
 
@@ -29,8 +30,11 @@ def export_merged_model(model, output_dir: str | os.PathLike, tokenizer=None) ->
 
 
 def write_probe(model, tokenizer, text: str, path: str | os.PathLike, device=None) -> Path | None:
-    """Run the trained model (eval mode, no grad, float32 logits) on ``text`` and save ids and logits.
+    """Run the trained model (eval mode, no grad) on ``text`` and save ids, float32 logits and the compute dtype.
 
+    The forward is the model's own, not accelerate's autocast wrapper (``bf16: true``), so an autocast run's probe is
+    computed in float32 like any reload; runs whose weights compute in bf16 (FSDP2 ``param_dtype``, DeepSpeed
+    ``bf16``) record ``compute_dtype`` so that ``verify`` compares them with a bf16 tolerance.
     Collective under ZeRO-3 / FSDP2 (the forward gathers parameters): every rank calls it.
     """
     import torch
@@ -43,16 +47,21 @@ def write_probe(model, tokenizer, text: str, path: str | os.PathLike, device=Non
         device = next(iter(peft_model.parameters())).device
     was_training = peft_model.training
     peft_model.eval()
+    if "_original_forward" in peft_model.__dict__:  # accelerate's autocast wrapper: take it off (end of the run)
+        from accelerate.utils import extract_model_from_parallel
+
+        extract_model_from_parallel(peft_model, keep_fp32_wrapper=False)
     try:
         with torch.no_grad():
-            logits = peft_model(input_ids=ids.to(device)).logits.float().cpu()
+            raw = peft_model(input_ids=ids.to(device)).logits  # through __call__: FSDP2's hooks gather
     finally:
         peft_model.train(was_training)
     if rank() == 0:
         from ..atomic import atomic_file
 
+        probe = {"text": text, "input_ids": ids, "logits": raw.float().cpu(), "compute_dtype": str(raw.dtype)}
         with atomic_file(path) as staging:
-            torch.save({"text": text, "input_ids": ids, "logits": logits}, staging)
+            torch.save(probe, staging)
     barrier()
     return Path(path) if rank() == 0 else None
 

@@ -177,6 +177,11 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
+def _deepspeed_requested(merged: dict, args: Sequence[str]) -> bool:
+    accelerate_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return accelerate_deepspeed or _given("deepspeed", merged, args)
+
+
 def cpu_launch_defaults(merged: dict, args: Sequence[str]) -> dict:
     """Defaults that make TRL's configs run, and really distribute, on a machine without GPUs.
 
@@ -188,8 +193,7 @@ def cpu_launch_defaults(merged: dict, args: Sequence[str]) -> dict:
     """
     if _has_accelerator():
         return {}
-    accelerate_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    deepspeed = accelerate_deepspeed or _given("deepspeed", merged, args)
+    deepspeed = _deepspeed_requested(merged, args)
     wanted = {"ddp_backend": "gloo", "bf16": False} if deepspeed else {"use_cpu": True}
     return {key: value for key, value in wanted.items() if not _given(key, merged, args)}
 
@@ -292,6 +296,12 @@ def parse_recipe(task: str, argv: Sequence[str] | None = None, config: dict | No
     except RecipeError:
         raise
     except (TypeError, ValueError) as err:
+        if "doesn't support bf16/gpu" in str(err) and _deepspeed_requested(merged, args):
+            raise RecipeError(
+                "recipe keys 'bf16' / 'fp16': transformers 5.24 refuses half precision with DeepSpeed on a machine "
+                "without GPUs (its remedy, use_cpu, turns DeepSpeed off); use bf16: false with DeepSpeed here, or "
+                "bf16 with DDP (autocast) or FSDP2 (fsdp2_pre_shard) on the CPU"
+            ) from None
         raise RecipeError(f"invalid recipe for `boft-plugin {task}`: {err}") from err
     if remaining:
         flags = [item.lstrip("-").split("=")[0] for item in remaining if item.startswith("--")]

@@ -29,8 +29,9 @@ def init_cpu_process_group(engine: str) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def deepspeed_config(stage: int, micro_batch: int, world: int, **zero) -> dict:
-    """A minimal fp32 DeepSpeed config for hand-driven runs (ZeRO ``stage``, one micro-batch per step)."""
+def deepspeed_config(stage: int, micro_batch: int, world: int, bf16: bool = False, **zero) -> dict:
+    """A minimal DeepSpeed config for hand-driven runs (ZeRO ``stage``, one micro-batch per step; fp32, or bf16
+    with an fp32 master copy in the optimizer)."""
     return {
         "train_batch_size": micro_batch * world,
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -38,13 +39,13 @@ def deepspeed_config(stage: int, micro_batch: int, world: int, **zero) -> dict:
         "zero_optimization": {"stage": stage, **zero},
         "zero_allow_untested_optimizer": True,
         "fp16": {"enabled": False},
-        "bf16": {"enabled": False},
+        "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
 
 
-def wrap_for_engine(engine: str, model, lr: float, micro_batch: int = 1, world: int = 1, **zero):
+def wrap_for_engine(engine: str, model, lr: float, micro_batch: int = 1, world: int = 1, bf16: bool = False, **zero):
     """``(runner, optimizer, deepspeed_engine_or_None)`` for ``engine`` over an adapted ``model``.
 
     DeepSpeed engines get :func:`deepspeed_config` (``zero`` entries added to its ``zero_optimization``). FSDP2
@@ -60,7 +61,7 @@ def wrap_for_engine(engine: str, model, lr: float, micro_batch: int = 1, world: 
     if engine in ZERO_STAGES:
         import deepspeed
 
-        config = deepspeed_config(ZERO_STAGES[engine], micro_batch, world, **zero)
+        config = deepspeed_config(ZERO_STAGES[engine], micro_batch, world, bf16=bf16, **zero)
         engine_obj, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         return engine_obj, optimizer, engine_obj
     if engine == "ddp":

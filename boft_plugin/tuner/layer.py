@@ -232,6 +232,13 @@ class BoftLayer(BOFTLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
+        lost = [n for n in self.merged_adapters if n in self.boft_s and bool((self.boft_s[n] == 0).any())]
+        if lost:  # PEFT divides by boft_s here and writes NaN rows
+            raise ValueError(
+                f"cannot unmerge BOFT adapter(s) {lost} of layer {getattr(self, 'boft_module_name', '?')}: boft_s is "
+                "0 for some outputs, so those rows of the merged weight are 0 and the base weight cannot be "
+                "recovered; the layer stays merged"
+            )
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.boft_R:

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..ops.butterfly import rotate_activations, scale_shift
+from ..ops.butterfly import rotate_activations
+from ..ops.scale_shift import NonFiniteScaleError, scale_shift
+from .errors import BoftNumericsError
 from .layer import BoftLayer
 
 
@@ -42,19 +44,27 @@ class BoftLinear(nn.Module, BoftLayer):
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
 
+        # Blocks are built (and boft_dropout drawn) in PEFT's adapter order, so the random stream matches PEFT's.
         # PEFT composes B = B_last ... B_first, so x @ B applies the last active adapter's rotation first.
+        tokens = x.numel() // x.shape[-1]
+        blocks = [self.application_blocks(name, x.dtype, tokens) for name in adapters]
         rotated = x
-        for name in reversed(adapters):
-            rotated = rotate_activations(rotated, self.application_blocks(name, x.dtype, x.numel() // x.shape[-1]))
+        for block in reversed(blocks):
+            rotated = rotate_activations(rotated, block)
         result = self.base_layer(rotated, *args, **kwargs)
 
         scale = self.scale_vector(adapters[0])
         for name in adapters[1:]:
             scale = scale * self.scale_vector(name)
-        bias = self.get_base_layer().bias
-        bias = None if bias is None else bias.to(result.dtype)
-        # (result - bias) * s + bias, saving the output rather than `result` for the gradient of s
-        return scale_shift(result, scale.to(result.dtype), bias).to(previous_dtype)
+        # (result - bias) * s + bias. s and the bias are not cast: under autocast (bf16 result, fp32 s) the maths
+        # runs in float32 like PEFT's type promotion, rounded once to the input's dtype.
+        try:
+            return scale_shift(result, scale, self.get_base_layer().bias, out_dtype=previous_dtype)
+        except NonFiniteScaleError as err:
+            raise BoftNumericsError(
+                f"BOFT adapter(s) {adapters} of layer {getattr(self, 'boft_module_name', '?')}: {err}; the step that "
+                "produced them diverged. Lower the learning rate or resume from the last good checkpoint"
+            ) from None
 
     train = BoftLayer.train
 

@@ -24,7 +24,7 @@ from .state_dict import (
     selection_is_unchecked,
     to_peft_layout,
 )
-from .targets import check_targets, layer_kind, unsupported_reason
+from .targets import check_targets, conv_differs_in_stock_peft, layer_kind, unsupported_reason
 
 
 def is_fsdp2_sharded(model: nn.Module) -> bool:
@@ -122,6 +122,14 @@ class BoftModel(BOFTModel):
             raise TypeError(f"Target module {target}: {reason}")
         kind = layer_kind(base)
         if kind == "conv2d":
+            differs = conv_differs_in_stock_peft(base)
+            if differs:
+                warnings.warn(
+                    f"a targeted Conv2d has {differs}: boft-plugin runs the layer's own "
+                    "convolution, stock PEFT's BOFT uses padding[0]/stride[0] for both axes, no dilation and zero "
+                    "padding: this adapter loads in stock PEFT but gives different outputs there",
+                    stacklevel=2,
+                )
             return BoftConv2d(target, adapter_name, config=boft_config)
         if kind == "linear" and boft_config.fan_in_fan_out:
             warnings.warn(

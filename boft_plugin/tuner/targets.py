@@ -48,17 +48,95 @@ def rotated_width(module: nn.Module) -> int:
     raise TypeError(f"unsupported layer type {type(module).__name__}")
 
 
+# Quantised linear layers of bitsandbytes and other libraries subclass nn.Linear; refused by class name (their
+# weight may not be packed yet when the adapter is added) and, for unknown libraries, by their weight.
+QUANTISED_CLASS_NAMES = frozenset(
+    {
+        "Linear4bit",
+        "Linear8bitLt",
+        "LinearNF4",
+        "LinearFP4",
+        "Linear8bit",
+        "QuantLinear",
+        "WQLinear",
+        "HQQLinear",
+        "FP8Linear",
+        "QLinear",
+    }
+)
+
+
+def _declared_weight_shape(module: nn.Module, kind: str) -> tuple[int, ...]:
+    if kind == "conv2d":
+        return (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
+    if kind == "conv1d":
+        return (rotated_width(module), module.nf)
+    return (module.out_features, module.in_features)
+
+
+def quantised_reason(module: nn.Module, kind: str) -> str | None:
+    """Why ``module`` is a quantised layer BOFT must not adapt (merge and export would rotate packed weights)."""
+    name = f"{type(module).__module__}.{type(module).__name__}"
+    for cls in type(module).__mro__:
+        if cls.__module__.split(".")[0] == "bitsandbytes" or cls.__name__ in QUANTISED_CLASS_NAMES:
+            return (
+                f"layer type {name} is a quantised layer ({cls.__name__}); BOFT rotates and merges a floating-point "
+                "weight and is not applied to quantised layers: load the model unquantised (or dequantize first), "
+                "or target these layers with LoRA"
+            )
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return None
+    shape = tuple(getattr(weight, "ds_shape", weight.shape))  # ZeRO-3 holds a [0] partition locally
+    declared = _declared_weight_shape(module, kind)
+    if not weight.is_floating_point() or shape != tuple(declared):
+        return (
+            f"layer {name} holds a weight of dtype {weight.dtype} and shape {shape}, not a floating-point tensor of "
+            f"its declared shape {declared}: a quantised or packed weight; load the model unquantised or dequantize "
+            "first"
+        )
+    return None
+
+
 def unsupported_reason(module: nn.Module) -> str | None:
+    """Why BOFT cannot adapt ``module`` (None when it can); checked for every target before anything changes."""
     kind = layer_kind(module)
     if kind is None:
         return (
             f"layer type {type(module).__module__}.{type(module).__name__} is not supported "
-            "(supported: torch.nn.Linear, transformers Conv1D, torch.nn.Conv2d with groups=1; quantized layers are "
-            "not accelerated, target them with LoRA or dequantize first)"
+            "(supported: torch.nn.Linear, transformers Conv1D, torch.nn.Conv2d with groups=1 and a square kernel)"
         )
+    quantised = quantised_reason(module, kind)
+    if quantised:
+        return quantised
     if kind == "conv2d" and module.groups > 1:
         return f"Conv2d with groups={module.groups} is not supported (BOFT needs groups=1)"
+    if kind == "conv2d" and module.kernel_size[0] != module.kernel_size[1]:
+        return (
+            f"Conv2d with the non-square kernel {tuple(module.kernel_size)} is not supported: PEFT's BOFT format sizes "
+            "Conv2d adapters as in_channels * kernel_size[0]**2, so such an adapter could not move to stock PEFT "
+            "(which builds a wrongly sized boft_R for it and fails at its first forward)"
+        )
     return None
+
+
+def conv_differs_in_stock_peft(module: nn.Module) -> str | None:
+    """What stock PEFT 0.21.2 computes differently for this (supported) Conv2d, if anything.
+
+    Its BOFT Conv2d re-runs the convolution with ``padding[0]`` / ``stride[0]`` for both axes, no dilation and zero
+    padding; ours runs the base layer's own convolution. Adapters still load both ways, but stock PEFT's outputs
+    differ for such layers (its behaviour, measured in docs/numerics.md).
+    """
+    differences = []
+    if module.stride[0] != module.stride[1]:
+        differences.append(f"stride {tuple(module.stride)}")
+    if isinstance(module.padding, str) or module.padding[0] != module.padding[1]:
+        differences.append(f"padding {module.padding!r}")
+    if tuple(module.dilation) != (1, 1):
+        differences.append(f"dilation {tuple(module.dilation)}")
+    if module.padding_mode != "zeros":
+        differences.append(f"padding_mode {module.padding_mode!r}")
+    return ", ".join(differences) or None
 
 
 @dataclass(frozen=True)

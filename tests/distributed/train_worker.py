@@ -31,6 +31,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-2)
     parser.add_argument("--init", choices=("random", "identity"), default="random")
+    parser.add_argument("--bf16", action="store_true", help="DeepSpeed engines: bf16 with an fp32 master copy")
     return parser.parse_args()
 
 
@@ -93,7 +94,13 @@ def main() -> None:
         )
         model = get_peft_model(base, peft_config)
         runner, optimizer, engine = wrap_for_engine(
-            args.engine, model, args.lr, args.global_batch // world, world, stage3_param_persistence_threshold=0
+            args.engine,
+            model,
+            args.lr,
+            args.global_batch // world,
+            world,
+            bf16=args.bf16,
+            stage3_param_persistence_threshold=0,
         )
         if args.engine == "fsdp2_meta":
             materialize_from_meta(model, args.base)
