@@ -3,6 +3,7 @@
     boft-plugin sft --config recipe.yaml [--key value ...]   # TRL SFT with a BOFT adapter
     boft-plugin dpo --config recipe.yaml [--key value ...]   # TRL DPO with a BOFT adapter
     boft-plugin verify OUTPUT_DIR                            # reload exports with stock PEFT, compare logits
+    boft-plugin convert --single-factor SRC DST              # an m > 1 adapter as the equal m = 1 adapter
     boft-plugin demo [--workdir DIR]                         # the main job (SFT then DPO on 2 gloo ranks)
 
 ``sft`` / ``dpo`` run in the current process, which may be one rank of ``torch.distributed.run`` or
@@ -70,6 +71,35 @@ def _verify(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
+def _convert(argv: list[str]) -> int:
+    """Write an adapter directory (ours or stock PEFT's) in another, exactly equivalent form."""
+    from .export.single_factor import SingleFactorError, convert_to_single_factor
+    from .ops.single_factor import DEFAULT_ATOL, DEFAULT_MIN_DIST
+
+    parser = argparse.ArgumentParser(prog="boft-plugin convert", description=_convert.__doc__)
+    parser.add_argument(
+        "--single-factor",
+        action="store_true",
+        required=True,
+        help="write the m = 1 adapter with block size b * 2**(m-1) that stock PEFT loads without its CUDA extension",
+    )
+    parser.add_argument("source", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("target", help="new directory for the converted adapter")
+    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="max float32 round-trip error per block")
+    parser.add_argument("--min-dist", type=float, default=DEFAULT_MIN_DIST, help="min |1 + eigenvalue| per block")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty target directory")
+    args = parser.parse_args(argv)
+    try:
+        summary = convert_to_single_factor(
+            args.source, args.target, atol=args.atol, min_dist=args.min_dist, overwrite=args.overwrite
+        )
+    except (SingleFactorError, OSError) as err:
+        print(f"boft-plugin convert: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"target": args.target, **summary}), flush=True)
+    return 0
+
+
 def _demo(argv: list[str]) -> int:
     from .main_job import main as main_job
 
@@ -86,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _train(command, rest)
     if command == "verify":
         return _verify(rest)
+    if command == "convert":
+        return _convert(rest)
     if command == "demo":
         return _demo(rest)
     if command in ("-V", "--version"):

@@ -30,7 +30,10 @@ def _adapter_tensors(peft_model, adapter_name: str) -> dict[str, Tensor]:
 
 
 def export_adapter(
-    model: nn.Module, output_dir: str | os.PathLike, adapter_names: list[str] | None = None
+    model: nn.Module,
+    output_dir: str | os.PathLike,
+    adapter_names: list[str] | None = None,
+    single_factor: bool = False,
 ) -> Path | None:
     """Write the PEFT adapter(s) of ``model`` to ``output_dir`` (``adapter_config.json`` +
     ``adapter_model.safetensors``, ``peft_type: BOFT``), gathered from whatever layout ``model`` is in.
@@ -42,6 +45,10 @@ def export_adapter(
     Args:
         model: a ``PeftModel``, possibly wrapped (DDP, DeepSpeed engine, accelerate, FSDP2 ``fully_shard``).
         adapter_names: adapters to write (default: all, laid out as PEFT's ``save_pretrained`` does).
+        single_factor: write each adapter in its exactly equivalent single-factor form (``boft_n_butterfly_factor:
+            1``, ``boft_block_size: b * 2**(m-1)``), which stock PEFT loads without its CUDA extension
+            (:mod:`boft_plugin.export.single_factor`). Raises ``SingleFactorError`` naming the layer, and writes
+            nothing, when a block has no accurate single-factor form.
     """
     settle_zero3(model)
     peft_model = unwrap_peft_model(model)
@@ -52,10 +59,44 @@ def export_adapter(
             if key not in gathered:  # the layout of block-major (FSDP2) tensors is restored by the tuner on save
                 value = full_tensor(tensor)
                 gathered[key] = value.to("cpu", copy=True) if rank() == 0 else value
-    target = None
+    target, error = None, None
     if rank() == 0:
-        with atomic_directory(output_dir) as staging:
-            peft_model.save_pretrained(str(staging), selected_adapters=names, state_dict=gathered)
-        target = Path(output_dir)
-    barrier()
+        try:
+            with atomic_directory(output_dir) as staging:
+                if single_factor:
+                    _save_single_factor(peft_model, staging, names, gathered)
+                else:
+                    peft_model.save_pretrained(str(staging), selected_adapters=names, state_dict=gathered)
+            target = Path(output_dir)
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank after the barrier, so none hangs
+            error = err
+    _raise_on_every_rank(error)
     return target
+
+
+def _save_single_factor(peft_model, staging: Path, names: list[str], gathered: dict[str, Tensor]) -> None:
+    """PEFT's own save into a scratch directory, then each adapter rewritten in single-factor form into ``staging``."""
+    import tempfile
+
+    from .single_factor import write_single_factor
+
+    with tempfile.TemporaryDirectory(dir=staging.parent, prefix=".single-factor-") as scratch:
+        peft_model.save_pretrained(scratch, selected_adapters=names, state_dict=gathered)
+        for config in sorted(Path(scratch).rglob("adapter_config.json")):
+            relative = config.parent.relative_to(scratch)
+            (staging / relative).mkdir(parents=True, exist_ok=True)
+            write_single_factor(config.parent, staging / relative)
+
+
+def _raise_on_every_rank(error: BaseException | None) -> None:
+    """Barrier; then every rank raises rank 0's error (if any), so that a refused export stops all ranks alike."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        flag = [error]
+        dist.broadcast_object_list(flag, src=0)
+        error = flag[0]
+    else:
+        barrier()
+    if error is not None:
+        raise error

@@ -196,6 +196,13 @@ class RecipeOptions:
         default=False,
         metadata={"help": "Also write a merged plain transformers model to <output_dir>/merged at the end."},
     )
+    export_single_factor: bool = field(
+        default=False,
+        metadata={
+            "help": "Also write <output_dir>/single_factor: the exactly equivalent m = 1 adapter (block size "
+            "b * 2**(m-1)) that stock PEFT loads without its CUDA extension (boft-plugin convert --single-factor)."
+        },
+    )
     fsdp2_pre_shard: bool = field(
         default=False,
         metadata={
@@ -209,6 +216,16 @@ class RecipeOptions:
         metadata={
             "help": "After training, run the trained model on this text and save input ids and logits to "
             "<output_dir>/probe_logits.pt (for reload checks; see `boft-plugin verify`)."
+        },
+    )
+    data_order_tail: str = field(
+        default="drop",
+        metadata={
+            "help": "What each epoch does with its last rows when the dataset size is not a multiple of the global "
+            "batch G = per_device_train_batch_size x world size x gradient_accumulation_steps: 'drop' them (every "
+            "epoch has floor(n/G) full steps) or 'pad' with the epoch's first rows (ceil(n/G) full steps). Either "
+            "way every optimizer step sees the same rows at any number of ranks (docs/trl.md, Data order).",
+            "choices": ["drop", "pad"],
         },
     )
     overwrite_output_dir: bool = field(
@@ -245,5 +262,7 @@ class RecipeOptions:
                 "recipe key 'model_config': needs a 'model_type' entry (e.g. llama) unless tiny_model is true "
                 f"(got keys {sorted(self.model_config)})"
             )
+        if self.data_order_tail not in ("drop", "pad"):
+            raise _bad("data_order_tail", "must be 'drop' or 'pad'", self.data_order_tail)
         if self.init_adapter is not None and not os.path.isfile(os.path.join(self.init_adapter, "adapter_config.json")):
             raise _bad("init_adapter", "must be a directory holding adapter_config.json", self.init_adapter)

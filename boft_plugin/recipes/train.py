@@ -25,12 +25,13 @@ from typing import Any
 from ..export import export_adapter
 from .builder import build
 from .data import is_conversational_dataset, load_recipe_data
+from .data_order import check_data_order
 from .dpo_reference import sync_reference_adapter
 from .errors import RecipeError
 from .geometry_check import check_geometry
 from .model_source import adapter_peft_config, check_tokenizer, load_tokenizer, model_config_of, model_source
 from .output_guard import check_output_dir
-from .outputs import PROBE_FILE, export_merged_model, summarize, write_probe, write_summary
+from .outputs import PROBE_FILE, SINGLE_FACTOR_DIR, export_merged_model, summarize, write_probe, write_summary
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Prepared:
 def prepare(recipe, train_dataset=None, eval_dataset=None) -> Prepared:
     """Check the data, tokenizer, model config and BOFT geometry (meta device): raise :class:`RecipeError` early."""
     train, evaluation = load_recipe_data(recipe, train_dataset, eval_dataset)
+    check_data_order(recipe.training, recipe.options, _length(train), recipe.task)
     source = model_source(recipe)
     peft_config = adapter_peft_config(recipe)
     check_output_dir(recipe.training.output_dir, peft_config, source.path, recipe.options.overwrite_output_dir)
@@ -56,6 +58,13 @@ def prepare(recipe, train_dataset=None, eval_dataset=None) -> Prepared:
     tokenizer = load_tokenizer(recipe, source)
     check_tokenizer(tokenizer, model_config, is_conversational_dataset(train), recipe)
     return Prepared(train, evaluation, tokenizer, model_config, peft_config, adapted)
+
+
+def _length(dataset) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:  # streaming
+        return None
 
 
 def make_trainer(recipe, built, train_dataset, eval_dataset):
@@ -69,6 +78,7 @@ def make_trainer(recipe, built, train_dataset, eval_dataset):
         eval_dataset=eval_dataset,
         processing_class=built.tokenizer,
         peft_config=built.peft_config,
+        data_order_tail=recipe.options.data_order_tail,
     )
     if recipe.task == "sft":
         return BoftSFTTrainer(**common)
@@ -137,6 +147,10 @@ def finish(recipe, trainer, built, started: float | None = None) -> RunResult:
     files: dict[str, Any] = {"adapter": export_adapter(model, output_dir, adapter_names=[adapter])}
     if rank() == 0:
         built.tokenizer.save_pretrained(output_dir)
+    if recipe.options.export_single_factor:
+        files["single_factor"] = export_adapter(
+            model, os.path.join(output_dir, SINGLE_FACTOR_DIR), adapter_names=[adapter], single_factor=True
+        )
     if recipe.options.export_merged:
         files["merged"] = export_merged_model(model, output_dir, tokenizer=built.tokenizer)
     if recipe.options.probe_text:

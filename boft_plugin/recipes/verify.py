@@ -8,7 +8,9 @@ For each adapter it reports separately:
 - **as installed**: stock PEFT exactly as it runs on this machine. Without its CUDA extension (every CPU, many GPU
   setups) it can load only adapters with ``boft_n_butterfly_factor = 1``; an m > 1 adapter then fails to load
   (PEFT's own limitation), which is reported with the remedy (``boft-plugin convert --single-factor``), not hidden;
-- **merged**: ``<output_dir>/merged`` with plain ``AutoModelForCausalLM``.
+- **merged**: ``<output_dir>/merged`` with plain ``AutoModelForCausalLM``;
+- **single factor**: ``<output_dir>/single_factor`` (recipe key ``export_single_factor``) with stock PEFT as
+  installed (no patch at all), against the training run's logits and against boft-plugin on the original adapter.
 
 The expected logits are those the training run saved (``probe_logits.pt``, recipe key ``probe_text``); when none
 were saved, verify makes its own probe from the tokenizer and compares with boft-plugin's own reload of the adapter.
@@ -23,9 +25,10 @@ import sys
 from pathlib import Path
 
 from ..ops.compare import max_relative_error
-from .outputs import MERGED_DIR, PROBE_FILE
+from .outputs import MERGED_DIR, PROBE_FILE, SINGLE_FACTOR_DIR
 
-DEFAULT_TOLERANCE = 1e-4  # max |difference| relative to max |logit|
+DEFAULT_TOLERANCE = 1e-4  # max |difference| relative to max |logit|, float32 runs
+LOW_PRECISION_TOLERANCE = 2e-2  # runs that computed in bf16/fp16 (FSDP2 param_dtype, DeepSpeed bf16): measured 7e-3
 OWN_PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 0123456789"
 
 
@@ -93,17 +96,43 @@ def _as_installed(adapter_dir: Path, base: str, input_ids, expected, config: dic
     return {**result, "loads": True, "factors": got, "rel_err": max_relative_error(logits, expected)}
 
 
+def _ours_logits(adapter_dir: Path, base: str, input_ids):
+    """boft-plugin's own reload of ``adapter_dir`` (float32), leaving PEFT's routing as it was."""
+    import torch
+
+    from ..adapter_loading import load_adapter
+    from ..registry import is_registered, unregister
+
+    was_registered = is_registered()
+    try:
+        model = load_adapter(_load_base(base, adapter_dir), adapter_dir).eval()
+        with torch.no_grad():
+            return model(input_ids=input_ids).logits.float()
+    finally:
+        if not was_registered:
+            unregister()
+
+
+def _single_factor_report(directory: Path, original: Path, base: str, input_ids, expected) -> dict:
+    """Stock PEFT as installed on the single-factor export, against the probe and against ours on the original."""
+    config = json.loads((directory / "adapter_config.json").read_text())
+    report = {"dir": str(directory), "block_size": config.get("boft_block_size")}
+    report["as_installed"] = _as_installed(directory, base, input_ids, expected, config)
+    if report["as_installed"].get("loads"):
+        logits, _, _ = _stock_logits(directory, base, input_ids, multi_factor=False)
+        report["vs_ours_on_original"] = max_relative_error(logits, _ours_logits(original, base, input_ids))
+    return report
+
+
 def _probe(output_dir: Path, base: str):
-    """(input ids, expected logits, where the expectation comes from)."""
+    """(input ids, expected logits, where the expectation comes from, the dtype they were computed in)."""
     import torch
 
     probe_file = output_dir / PROBE_FILE
     if probe_file.is_file():
         probe = torch.load(probe_file, weights_only=True)
-        return probe["input_ids"], probe["logits"], f"training run ({PROBE_FILE})"
+        return probe["input_ids"], probe["logits"], f"training run ({PROBE_FILE})", probe.get("compute_dtype")
     from transformers import AutoTokenizer
-
-    from ..adapter_loading import load_adapter
 
     source = output_dir if (output_dir / "tokenizer_config.json").is_file() else base
     try:
@@ -113,13 +142,8 @@ def _probe(output_dir: Path, base: str):
             f"{output_dir}: no {PROBE_FILE} and no tokenizer to make a probe ({_first_line(err)})"
         ) from None
     ids = tokenizer(OWN_PROBE_TEXT, return_tensors="pt").input_ids
-    model = load_adapter(_load_base(base, output_dir), output_dir).eval()
-    with torch.no_grad():
-        expected = model(input_ids=ids).logits.float()
-    from ..registry import unregister
-
-    unregister()  # the stock PEFT checks below must not run our tuner
-    return ids, expected, f"boft-plugin reload (no {PROBE_FILE} saved)"
+    expected = _ours_logits(output_dir, base, ids)
+    return ids, expected, f"boft-plugin reload (no {PROBE_FILE} saved)", str(expected.dtype)
 
 
 def reload_and_compare(
@@ -157,12 +181,15 @@ def verify_outputs(output_dir: str | os.PathLike, base_model: str | None = None,
     base = base_model or config.get("base_model_name_or_path")
     if not base:
         raise VerifyError(f"{config_file} names no base model; pass --base_model PATH")
-    ids, expected, source = _probe(output_dir, base)
+    ids, expected, source, compute_dtype = _probe(output_dir, base)
     merged_dir = output_dir / MERGED_DIR
     check_merged = merged or (merged is None and merged_dir.is_dir())
-    report = {"output_dir": str(output_dir), "expected": source}
+    report = {"output_dir": str(output_dir), "expected": source, "probe_compute_dtype": compute_dtype}
     report.update(reload_and_compare(output_dir, base, ids, expected, merged_dir if check_merged else None))
     report["as_installed"] = _as_installed(output_dir, base, ids, expected, config)
+    single = output_dir / SINGLE_FACTOR_DIR
+    if (single / "adapter_config.json").is_file():
+        report["single_factor"] = _single_factor_report(single, output_dir, base, ids, expected)
     return report
 
 
@@ -173,6 +200,8 @@ def check_report(report: dict, tolerance: float = DEFAULT_TOLERANCE) -> list[str
     problem of the adapter; for a single-factor adapter (m = 1) it must load and match.
     """
     problems = []
+    if report.get("probe_compute_dtype") in ("torch.bfloat16", "torch.float16"):
+        tolerance = max(tolerance, LOW_PRECISION_TOLERANCE)  # a reload in float32 against a bf16-computed probe
     for key in ("oracle_rel_err", "merged_rel_err"):
         if key in report and not report[key] <= tolerance:
             problems.append(f"{key}={report[key]:.3g} > {tolerance:g}")
@@ -184,6 +213,18 @@ def check_report(report: dict, tolerance: float = DEFAULT_TOLERANCE) -> list[str
             problems.append(f"stock PEFT as installed cannot load this single-factor adapter: {installed.get('note')}")
         elif not installed["rel_err"] <= tolerance:
             problems.append(f"as_installed rel_err={installed['rel_err']:.3g} > {tolerance:g}")
+    single = report.get("single_factor")
+    if single:
+        installed = single["as_installed"]
+        if not installed.get("loads"):
+            problems.append(f"stock PEFT as installed cannot load {single['dir']}: {installed.get('note')}")
+        else:
+            for key, value in (
+                ("rel_err", installed["rel_err"]),
+                ("vs_ours_on_original", single["vs_ours_on_original"]),
+            ):
+                if not value <= tolerance:
+                    problems.append(f"single_factor {key}={value:.3g} > {tolerance:g}")
     return problems
 
 
