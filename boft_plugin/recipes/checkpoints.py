@@ -75,6 +75,25 @@ def rotate(output_dir: str | os.PathLike, keep: int | None) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def checkpoint_to_resume(value, output_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint ``resume_from_checkpoint`` names (None: start afresh); raises :class:`RecipeError` for a path
+    that does not exist or is incomplete. Reads only: ``train.prepare`` calls it before anything is written."""
+    if value in (None, False, "", "false", "False"):
+        return None
+    if isinstance(value, bool) or str(value).lower() in ("true", "last", "latest", "auto"):
+        return last_complete_checkpoint(output_dir)
+    chosen = Path(value)
+    if not chosen.is_dir():
+        raise RecipeError(f"recipe key 'resume_from_checkpoint': {chosen} does not exist")
+    if not is_complete(chosen):
+        raise RecipeError(
+            f"recipe key 'resume_from_checkpoint': {chosen} is incomplete (no {COMPLETE_MARKER}: the run was killed "
+            f"while writing it); resume from {last_complete_checkpoint(chosen.parent) or 'scratch'} instead, e.g. "
+            "with resume_from_checkpoint: auto"
+        )
+    return chosen
+
+
 def resolve_resume(value, output_dir: str | os.PathLike):
     """Turn a recipe's ``resume_from_checkpoint`` into what ``Trainer.train`` takes.
 
@@ -84,18 +103,7 @@ def resolve_resume(value, output_dir: str | os.PathLike):
     """
     if value in (None, False, "", "false", "False"):
         return None
-    if isinstance(value, bool) or str(value).lower() in ("true", "last", "latest", "auto"):
-        chosen = last_complete_checkpoint(output_dir)
-    else:
-        chosen = Path(value)
-        if not chosen.is_dir():
-            raise RecipeError(f"resume_from_checkpoint: {chosen} does not exist")
-        if not is_complete(chosen):
-            raise RecipeError(
-                f"resume_from_checkpoint: {chosen} is incomplete (no {COMPLETE_MARKER}: the run was killed while "
-                f"writing it); resume from {last_complete_checkpoint(chosen.parent) or 'scratch'} instead, e.g. "
-                "with resume_from_checkpoint: auto"
-            )
+    chosen = checkpoint_to_resume(value, output_dir)
     if rank() == 0:
         newest_kept = -1 if chosen is None else int(_CHECKPOINT.match(chosen.name).group(1))
         dropped = []

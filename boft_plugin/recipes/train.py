@@ -24,6 +24,7 @@ from typing import Any
 
 from ..export import export_adapter
 from .builder import build
+from .checkpoints import checkpoint_to_resume
 from .data import is_conversational_dataset, load_recipe_data
 from .data_order import check_data_order
 from .dpo_reference import sync_reference_adapter
@@ -53,6 +54,7 @@ def prepare(recipe, train_dataset=None, eval_dataset=None) -> Prepared:
     source = model_source(recipe)
     peft_config = adapter_peft_config(recipe)
     check_output_dir(recipe.training.output_dir, peft_config, source.path, recipe.options.overwrite_output_dir)
+    checkpoint_to_resume(recipe.training.resume_from_checkpoint, recipe.training.output_dir)
     model_config = model_config_of(recipe, source)
     adapted = check_geometry(model_config, peft_config)
     tokenizer = load_tokenizer(recipe, source)

@@ -181,6 +181,11 @@ def verify_outputs(output_dir: str | os.PathLike, base_model: str | None = None,
     base = base_model or config.get("base_model_name_or_path")
     if not base:
         raise VerifyError(f"{config_file} names no base model; pass --base_model PATH")
+    if os.path.isabs(os.path.expanduser(base)) and not os.path.exists(os.path.expanduser(base)):
+        raise VerifyError(
+            f"{output_dir}: the base model {base} (base_model_name_or_path in adapter_config.json) does not exist; "
+            "pass --base_model PATH"
+        )
     ids, expected, source, compute_dtype = _probe(output_dir, base)
     merged_dir = output_dir / MERGED_DIR
     check_merged = merged or (merged is None and merged_dir.is_dir())
