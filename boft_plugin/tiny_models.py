@@ -29,8 +29,7 @@ def tiny_llama_config(
         num_key_value_heads=num_key_value_heads,
         vocab_size=vocab_size,
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=False,
-        **overrides,
+        **{"tie_word_embeddings": False, **overrides},
     )
 
 

@@ -14,6 +14,7 @@ LAYERS = {
     "atomic": 0,
     "launchers": 0,
     "tiny_models": 0,
+    "process_memory": 0,
     "smollm2": 0,
     "tuner": 1,
     "synthetic_tasks": 1,

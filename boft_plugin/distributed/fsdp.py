@@ -52,8 +52,10 @@ def shard_for_fsdp2(
     mp_policy=None,
     offload_policy=None,
     block_classes: Iterable[str] | None = None,
+    separate_embeddings: bool = True,
 ) -> nn.Module:
-    """Apply ``fully_shard`` to each transformer block and to the root of a BOFT-adapted model, in place.
+    """Apply ``fully_shard`` to each transformer block, to the input and output embeddings, and to the root of a
+    BOFT-adapted model, in place.
 
     ``boft_R`` is stored block-major and sharded on its block axis (whole blocks per rank); every parameter is
     ``Shard(0)``, as FSDP2 supports uneven shards only there.
@@ -64,6 +66,10 @@ def shard_for_fsdp2(
         model: the ``PeftModel`` (or a module containing our BOFT layers).
         mesh: a 1-D device mesh (default: FSDP2's, over the default process group).
         block_classes: class names of the blocks to shard separately (default: ``_no_split_modules``).
+        separate_embeddings: give untied input / output embeddings their own FSDP2 units. In the root unit they
+            stay gathered for the whole forward (2 x 0.25 GiB for a 0.9B Llama: measured, benchmarks/RESULTS.md);
+            as their own units each is gathered only around its use. Tied embeddings stay in the root (one
+            parameter cannot be in two units).
 
     Returns:
         ``model`` (now an ``FSDPModule``).
@@ -94,8 +100,23 @@ def shard_for_fsdp2(
     )
     for block in _block_modules(model, block_classes):
         fully_shard(block, **kwargs)
+    if separate_embeddings:
+        for module in _untied_embeddings(model):
+            fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def _untied_embeddings(model: nn.Module) -> list[nn.Module]:
+    from transformers import PreTrainedModel
+
+    pretrained = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if pretrained is None:
+        return []
+    inputs, outputs = pretrained.get_input_embeddings(), pretrained.get_output_embeddings()
+    modules = [m for m in (inputs, outputs) if m is not None and next(m.parameters(), None) is not None]
+    shared = {id(p) for p in inputs.parameters()} & {id(p) for p in outputs.parameters()} if outputs else set()
+    return [] if shared else [m for m in modules if not is_fsdp2_sharded(m)]
 
 
 def store_block_major(model: nn.Module) -> int:

@@ -11,7 +11,17 @@ from torch import Tensor, nn
 
 from ..tuner.state_dict import is_partitioned
 
-__all__ = ["barrier", "full_tensor", "is_partitioned", "rank", "settle_zero3", "unwrap_peft_model", "world_size"]
+__all__ = [
+    "barrier",
+    "full_tensor",
+    "is_partitioned",
+    "gather_objects",
+    "raise_on_every_rank",
+    "rank",
+    "settle_zero3",
+    "unwrap_peft_model",
+    "world_size",
+]
 
 
 def rank() -> int:
@@ -83,3 +93,23 @@ def settle_zero3(model: nn.Module) -> None:
     """Wait for ZeRO-3 parameters a DeepSpeed engine still has in flight (prefetched) before gathering."""
     if hasattr(model, "empty_partition_cache"):
         model.empty_partition_cache()
+
+
+def raise_on_every_rank(error: BaseException | None) -> None:
+    """Collective: every rank raises rank 0's ``error`` (if any), so that a failed write on rank 0 stops all ranks
+    alike instead of leaving them waiting in the next collective."""
+    if dist.is_available() and dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
+
+
+def gather_objects(value) -> list:
+    """Collective: every rank's ``value`` (picklable), in rank order, on every rank (``[value]`` alone)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values

@@ -12,7 +12,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from ..atomic import atomic_directory
-from ..distributed.gather import barrier, full_tensor, rank, settle_zero3, unwrap_peft_model
+from ..distributed.gather import full_tensor, raise_on_every_rank, rank, settle_zero3, unwrap_peft_model
 from ..tuner.state_dict import unchecked_selection
 
 __all__ = ["export_adapter"]
@@ -70,7 +70,7 @@ def export_adapter(
             target = Path(output_dir)
         except Exception as err:  # noqa: BLE001 - re-raised on every rank after the barrier, so none hangs
             error = err
-    _raise_on_every_rank(error)
+    raise_on_every_rank(error)
     return target
 
 
@@ -86,17 +86,3 @@ def _save_single_factor(peft_model, staging: Path, names: list[str], gathered: d
             relative = config.parent.relative_to(scratch)
             (staging / relative).mkdir(parents=True, exist_ok=True)
             write_single_factor(config.parent, staging / relative)
-
-
-def _raise_on_every_rank(error: BaseException | None) -> None:
-    """Barrier; then every rank raises rank 0's error (if any), so that a refused export stops all ranks alike."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        flag = [error]
-        dist.broadcast_object_list(flag, src=0)
-        error = flag[0]
-    else:
-        barrier()
-    if error is not None:
-        raise error

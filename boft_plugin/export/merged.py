@@ -1,21 +1,33 @@
-"""Gathered export of a merged plain transformers model (the active BOFT adapters folded into the weights).
+"""Gathered, streaming export of a merged plain transformers model (the active BOFT adapters folded into the weights).
 
 Collective: every rank calls :func:`export_merged`; base weights are gathered one tensor at a time and only global
-rank 0 writes, atomically (see :mod:`boft_plugin.atomic`).
+rank 0 writes them, streamed into size-capped safetensors shards, atomically (see :mod:`boft_plugin.atomic`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from ..atomic import atomic_directory
-from ..distributed.gather import barrier, full_tensor, rank, settle_zero3, unwrap_peft_model
+from ..distributed.gather import full_tensor, raise_on_every_rank, rank, settle_zero3, unwrap_peft_model
 from ..tuner.layer import BoftLayer, merge_matrix
+from .safetensors_stream import (
+    DEFAULT_MAX_SHARD_SIZE,
+    ShardWriter,
+    TensorEntry,
+    global_shape,
+    plan_shards,
+    save_configs,
+    tied_keys,
+)
 
 __all__ = ["export_merged"]
 
@@ -58,27 +70,79 @@ def _merged_weight(layer: BoftLayer, weight: Tensor) -> Tensor:
     return layer.matrix_to_weight(matrix, weight.shape).to(weight.dtype)
 
 
-def export_merged(model: nn.Module, output_dir: str | os.PathLike, safe_serialization: bool = True) -> Path | None:
-    """Write a plain transformers model whose weights have the active BOFT adapters merged in.
+def export_merged(
+    model: nn.Module,
+    output_dir: str | os.PathLike,
+    safe_serialization: bool = True,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    extra_files: Callable[[Path], None] | None = None,
+) -> Path | None:
+    """Write a plain transformers model whose weights have the active BOFT adapters merged in, streaming.
 
-    Collective: every rank calls it. Base weights are gathered one tensor at a time and only rank 0 keeps a
-    (CPU) copy, so no rank holds the whole model twice. Returns the directory on rank 0, None elsewhere.
+    Collective: every rank calls it (one process, DDP, ZeRO-1/2/3, FSDP2). Each base tensor is gathered by all ranks
+    (one at a time), merged if it is an adapted layer's weight, and rank 0 writes it straight into its planned
+    safetensors shard (:mod:`.safetensors_stream`): no rank ever holds more than one gathered tensor and its merge,
+    whatever ``max_shard_size`` is. The layout is ``save_pretrained``'s: ``model.safetensors`` or
+    ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``, ``config.json``,
+    ``generation_config.json``; a tied weight (``lm_head.weight`` tied to the embeddings) is written once. Everything
+    appears atomically (``extra_files(staging)``, e.g. a tokenizer, included). Returns the directory on rank 0.
     """
+    if not safe_serialization:
+        raise ValueError("export_merged writes safetensors only (safe_serialization=True)")
     settle_zero3(model)
     peft_model = unwrap_peft_model(model)
     base_model = peft_model.get_base_model()
-    state: dict[str, Tensor] = {}
-    with torch.no_grad():
-        for key, tensor, layer in _plain_tensors(base_model, ""):
-            value = full_tensor(tensor, prefer_fp32_master=False)
-            if layer is not None:
-                value = _merged_weight(layer, value)
-            if rank() == 0:
-                state[key] = value.to("cpu", copy=True)
-    target = None
-    if rank() == 0:
-        with atomic_directory(output_dir) as staging:
-            base_model.save_pretrained(str(staging), state_dict=state, safe_serialization=safe_serialization)
-        target = Path(output_dir)
-    barrier()
-    return target
+    tied = tied_keys(base_model)
+    order: list[tuple[TensorEntry, Tensor, BoftLayer | None]] = []
+    seen: dict[int, str] = {}
+    for key, tensor, layer in _plain_tensors(base_model, ""):  # planned without gathering anything
+        first = seen.get(id(tensor))
+        if first is not None and (key in tied or first in tied):
+            continue  # the same tensor under a tied name: written once, as save_pretrained does
+        seen[id(tensor)] = key
+        shape = global_shape(tensor)
+        order.append((TensorEntry(key, shape, tensor.dtype, math.prod(shape) * tensor.element_size()), tensor, layer))
+    plan = plan_shards([entry for entry, _, _ in order], max_shard_size)
+    parameters = sum(math.prod(entry.shape) for entry, tensor, _ in order if isinstance(tensor, nn.Parameter))
+
+    writer_rank = rank() == 0
+    failure: BaseException | None = None
+    try:
+        with atomic_directory(output_dir) if writer_rank else contextlib.nullcontext() as staging:
+            writer = ShardWriter(staging, plan) if writer_rank else None
+            with torch.no_grad():
+                for entry, tensor, layer in order:
+                    value = full_tensor(tensor, prefer_fp32_master=False)  # collective: every rank, every tensor
+                    if layer is not None:
+                        value = _merged_weight(layer, value)
+                    if writer is not None and failure is None:
+                        try:
+                            writer.write(entry, value)
+                        except Exception as err:  # noqa: BLE001 - keep gathering with the others, raise after
+                            failure = err
+                    del value
+            if writer is not None:
+                writer.close(require_complete=failure is None)
+                if failure is None:
+                    _finish(staging, plan, parameters, base_model, extra_files)
+            if failure is not None:
+                raise failure  # out of atomic_directory by an exception: nothing is published
+    except Exception as err:  # noqa: BLE001
+        if not writer_rank:
+            raise  # a collective failed: every rank sees it
+        failure = err
+    raise_on_every_rank(failure)
+    return Path(output_dir) if writer_rank else None
+
+
+def _finish(staging: Path, plan, parameters: int, base_model: nn.Module, extra_files) -> None:
+    """The index (when sharded), the configs and the extra files, next to the shards."""
+    if len(plan.files) > 1:
+        index = {
+            "metadata": {"total_parameters": parameters, "total_size": plan.total_size},
+            "weight_map": {entry.key: entry.file for entry in plan.entries},
+        }
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    save_configs(base_model, staging)
+    if extra_files is not None:
+        extra_files(staging)

@@ -7,11 +7,12 @@ Validation that needs no weights runs first (``train.prepare``: data, model sour
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import RecipeError
-from .model_source import load_tokenizer, model_source, write_config_model
+from .model_source import load_tokenizer, model_config_of, model_source, write_config_model
 
 
 @dataclass
@@ -59,6 +60,9 @@ def build(recipe, tokenizer=None) -> Built:
 
     Call on every rank. Validation that needs no weights should have run already (see
     :func:`boft_plugin.recipes.train.prepare`); the tuner checks its targets again when it adapts the model.
+    No rank ever holds the whole base model when the sharding engine can avoid it: under FSDP2 pre-sharding and
+    DeepSpeed ZeRO-3, a local safetensors checkpoint is read slice by slice into each rank's shards
+    (``distributed.fsdp_loading``, ``distributed.zero3_loading``).
     """
     from ..distributed.gather import barrier, rank
     from ..registry import register
@@ -70,15 +74,12 @@ def build(recipe, tokenizer=None) -> Built:
         if rank() == 0:
             write_config_model(recipe, source, tokenizer)
         barrier()
-    from transformers import AutoModelForCausalLM
-
-    kwargs = _model_init_kwargs(recipe)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise RecipeError(f"cannot load the model from {source.path!r}: {err}") from err
-
     options = recipe.options
+    if options.fsdp2_pre_shard and has_safetensors(source.path):
+        model = _build_fsdp2_from_shards(recipe, source.path)
+        return Built(model=model, tokenizer=tokenizer, peft_config=None, base_model_path=source.path)
+
+    model = _load_base_model(recipe, source.path)
     if options.init_adapter:
         from peft import PeftModel
 
@@ -88,9 +89,101 @@ def build(recipe, tokenizer=None) -> Built:
         peft_config = None
     else:
         peft_config = recipe.boft.to_peft_config()
-    if options.fsdp2_pre_shard:
+    if options.fsdp2_pre_shard:  # a hub model: loaded whole, then sharded
         model, peft_config = _shard_for_fsdp2(recipe, model, peft_config), None
     return Built(model=model, tokenizer=tokenizer, peft_config=peft_config, base_model_path=source.path)
+
+
+def _log(message: str) -> None:
+    from ..distributed.gather import rank
+
+    print(f"[boft-plugin] rank {rank()}: {message}", flush=True)
+
+
+def has_safetensors(path: str) -> bool:
+    """Whether ``path`` is a local checkpoint directory with safetensors weights (readable slice by slice)."""
+    return os.path.isfile(os.path.join(path, "model.safetensors")) or os.path.isfile(
+        os.path.join(path, "model.safetensors.index.json")
+    )
+
+
+def _torch_dtype(recipe, model_config):
+    import torch
+
+    dtype = _model_init_kwargs(recipe).get("dtype")
+    if dtype in (None, "auto"):
+        dtype = getattr(model_config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def _empty_model(recipe, path: str, device: str | None = None):
+    """The model of ``path``'s config without loading weights (on ``device``, or under ZeRO-3's ``zero.Init``)."""
+    import contextlib
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = model_config_of(recipe, model_source(recipe))
+    kwargs = {"dtype": _torch_dtype(recipe, config)}
+    attention = _model_init_kwargs(recipe).get("attn_implementation")
+    if attention:
+        kwargs["attn_implementation"] = attention
+    placement = torch.device(device) if device else contextlib.nullcontext()
+    with placement, no_init_weights():  # every weight is read from the checkpoint next
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.training.trust_remote_code, **kwargs)
+    model.name_or_path = model.config._name_or_path = path  # what the exported adapter names as its base
+    return model
+
+
+def _load_base_model(recipe, path: str):
+    """``from_pretrained``, or under ZeRO-3 an empty partitioned model filled partition by partition."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    if is_zero3(recipe.training) and has_safetensors(path):
+        from ..distributed.zero3_loading import load_zero3_partitions
+
+        model = _empty_model(recipe, path)  # transformers builds it under zero.Init: already partitioned
+        report = load_zero3_partitions(model, path)
+        if report is not None:
+            _log(
+                f"ZeRO-3: {report['tensors']} tensors read partition by partition from {path} "
+                f"({report['local_gib']:.2f} GiB on this rank, {report['seconds']:.1f} s)"
+            )
+            if os.path.isfile(os.path.join(path, "generation_config.json")):
+                model.generation_config = GenerationConfig.from_pretrained(path)
+            return model.eval()  # as from_pretrained returns it
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **_model_init_kwargs(recipe))
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"cannot load the model from {path!r}: {err}") from err
+
+
+def _build_fsdp2_from_shards(recipe, path: str):
+    """FSDP2 pre-sharding without a full copy anywhere: meta model -> adapter(s) -> shard -> each rank's slices."""
+    from peft import get_peft_model
+
+    from ..distributed.fsdp_loading import copy_adapter_shards, load_adapter_shards, load_sharded_base_weights
+    from .dpo_reference import REFERENCE_ADAPTER
+    from .model_source import adapter_peft_config
+
+    model = _empty_model(recipe, path, device="meta")
+    peft_config = adapter_peft_config(recipe)
+    peft_config.inference_mode = False  # an init_adapter's saved config says inference
+    model = get_peft_model(model, peft_config)
+    if recipe.task == "dpo":  # TRL adds a "ref" adapter to any PeftModel it is given; FSDP2 needs it now
+        model.add_adapter(REFERENCE_ADAPTER, model.peft_config["default"])
+    model = _shard_for_fsdp2(recipe, model, None)
+    report = load_sharded_base_weights(model, path)  # also initialises the adapters as their config says
+    _log(
+        f"FSDP2: {len(report.loaded)} tensors read shard by shard from {path} "
+        f"({report.local_bytes / 2**30:.2f} GiB on this rank, {report.seconds:.1f} s)"
+    )
+    if recipe.options.init_adapter:
+        load_adapter_shards(model, recipe.options.init_adapter)
+    if recipe.task == "dpo":
+        copy_adapter_shards(model, "default", REFERENCE_ADAPTER)
+    return model
 
 
 def _shard_for_fsdp2(recipe, model, peft_config):
@@ -111,7 +204,7 @@ def _shard_for_fsdp2(recipe, model, peft_config):
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_config)
-    if recipe.task == "dpo":  # TRL adds a "ref" adapter to any PeftModel it is given
+    if recipe.task == "dpo" and "ref" not in model.peft_config:  # TRL adds a "ref" adapter to any PeftModel
         from .dpo_reference import add_reference_adapter
 
         add_reference_adapter(model)

@@ -17,16 +17,14 @@ SUMMARY_FILE = "boft_run_summary.json"
 
 
 def export_merged_model(model, output_dir: str | os.PathLike, tokenizer=None) -> Path | None:
-    """``boft_plugin.export_merged`` to ``<output_dir>/merged`` (plus the tokenizer, so the folder is complete)."""
-    from ..distributed.gather import barrier, rank
+    """``boft_plugin.export_merged`` to ``<output_dir>/merged``, the tokenizer published with it (a complete folder)."""
     from ..export import export_merged
 
-    target = Path(output_dir) / MERGED_DIR
-    export_merged(model, target)
-    if rank() == 0 and tokenizer is not None:
-        tokenizer.save_pretrained(str(target))
-    barrier()
-    return target if rank() == 0 else None
+    def write_tokenizer(staging: Path) -> None:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+
+    return export_merged(model, Path(output_dir) / MERGED_DIR, extra_files=write_tokenizer)
 
 
 def write_probe(model, tokenizer, text: str, path: str | os.PathLike, device=None) -> Path | None:

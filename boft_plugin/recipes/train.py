@@ -22,7 +22,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..distributed.gather import gather_objects
 from ..export import export_adapter
+from ..process_memory import PhasePeaks, limit_heap_retention
 from .builder import build
 from .checkpoints import checkpoint_to_resume
 from .data import is_conversational_dataset, load_recipe_data
@@ -110,11 +112,16 @@ def run(recipe, train_dataset=None, eval_dataset=None, end: bool = False) -> Run
         end: call ``trainer.end()`` at the end (trackers closed, process group destroyed), as TRL's scripts do.
     """
     started = time.time()
-    prepared = prepare(recipe, train_dataset, eval_dataset)
-    built = build(recipe, tokenizer=prepared.tokenizer)
-    trainer = make_trainer(recipe, built, prepared.train_dataset, prepared.eval_dataset)
-    trainer.train(resume_from_checkpoint=recipe.training.resume_from_checkpoint)
-    result = finish(recipe, trainer, built, started)
+    limit_heap_retention()  # freed weight-sized blocks go back to the OS (boft_plugin.process_memory)
+    with PhasePeaks() as peaks:  # this rank's peak resident memory per phase, in the run's summary
+        peaks.phase("prepare")
+        prepared = prepare(recipe, train_dataset, eval_dataset)
+        peaks.phase("load")
+        built = build(recipe, tokenizer=prepared.tokenizer)
+        peaks.phase("train")
+        trainer = make_trainer(recipe, built, prepared.train_dataset, prepared.eval_dataset)
+        trainer.train(resume_from_checkpoint=recipe.training.resume_from_checkpoint)
+        result = finish(recipe, trainer, built, started, peaks)
     if recipe.training.push_to_hub:
         trainer.push_to_hub(dataset_name=recipe.script.dataset_name)
     if end and hasattr(trainer, "end"):
@@ -138,7 +145,7 @@ def release_zero3_parameters(trainer) -> None:
         engine.empty_partition_cache()
 
 
-def finish(recipe, trainer, built, started: float | None = None) -> RunResult:
+def finish(recipe, trainer, built, started: float | None = None, peaks: PhasePeaks | None = None) -> RunResult:
     """End of run on every rank: export the adapter (and merged model), the probe logits, the summary."""
     output_dir = recipe.training.output_dir
     model = trainer.model_wrapped if trainer.model_wrapped is not None else trainer.model
@@ -146,16 +153,21 @@ def finish(recipe, trainer, built, started: float | None = None) -> RunResult:
     from ..distributed.gather import rank, unwrap_peft_model
 
     adapter = unwrap_peft_model(model).active_adapters[0]
+    phase = peaks.phase if peaks is not None else (lambda name: None)
+    phase("export_adapter")
     files: dict[str, Any] = {"adapter": export_adapter(model, output_dir, adapter_names=[adapter])}
     if rank() == 0:
         built.tokenizer.save_pretrained(output_dir)
     if recipe.options.export_single_factor:
+        phase("export_single_factor")
         files["single_factor"] = export_adapter(
             model, os.path.join(output_dir, SINGLE_FACTOR_DIR), adapter_names=[adapter], single_factor=True
         )
     if recipe.options.export_merged:
+        phase("export_merged")
         files["merged"] = export_merged_model(model, output_dir, tokenizer=built.tokenizer)
     if recipe.options.probe_text:
+        phase("probe")
         files["probe"] = write_probe(
             model,
             built.tokenizer,
@@ -164,6 +176,8 @@ def finish(recipe, trainer, built, started: float | None = None) -> RunResult:
             device=trainer.accelerator.device,
         )
     extra = {"base_model": built.base_model_path, "wall_time_s": time.time() - started if started else None}
+    if peaks is not None:
+        extra["rss_anon_mib_by_rank"] = gather_objects(peaks.report())  # collective
     summary = summarize(recipe.task, trainer, files, extra)
     files["summary"] = write_summary(summary, output_dir)
     if rank() == 0:

@@ -36,25 +36,10 @@ def parse() -> argparse.Namespace:
 
 
 def materialize_from_meta(model, base_dir: str) -> None:
-    """The FSDP2 meta-device recipe: allocate shards, load the base weights, re-initialise the adapter."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    """The FSDP2 meta-device route of the README: each rank reads its own shards from the safetensors files."""
+    from boft_plugin.distributed.fsdp_loading import load_sharded_base_weights
 
-    from boft_plugin.distributed.fsdp import reset_adapter_parameters
-
-    model.to_empty(device="cpu")
-    plain = load_file(f"{base_dir}/model.safetensors")
-    model_keys = model.state_dict().keys()
-    to_plain = {k: k.removeprefix("base_model.model.").replace(".base_layer.", ".") for k in model_keys}
-    full = {k: plain[p] for k, p in to_plain.items() if p in plain}
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
-    reset_adapter_parameters(model)
-    with torch.no_grad():  # non-persistent buffers are garbage after to_empty(): the model's own, not BOFT's
-        for module in model.modules():
-            if hasattr(module, "compute_default_rope_parameters") and hasattr(module, "inv_freq"):
-                inv_freq, _ = module.compute_default_rope_parameters(module.config)
-                module.inv_freq.copy_(inv_freq)
-                module.original_inv_freq.copy_(inv_freq)
+    load_sharded_base_weights(model, base_dir)
 
 
 def main() -> None:

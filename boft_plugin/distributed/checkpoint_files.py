@@ -1,0 +1,123 @@
+"""Reading a Hugging Face safetensors checkpoint one tensor (or one slice of a tensor) at a time.
+
+Shared by the FSDP2 loader (:mod:`.fsdp_loading`) and the ZeRO-3 loader (:mod:`.zero3_loading`). Nothing here holds
+more than one tensor slice at a time; files are opened one at a time (``safe_open`` memory-maps a file; its pages
+count as ``RssFile`` while open and are released on close).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "CheckpointIndex",
+    "base_checkpoint_key",
+    "names_by_tensor",
+    "read_flat_range",
+    "read_slice",
+]
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+
+class CheckpointIndex:
+    """``{checkpoint key: file}`` of a safetensors checkpoint directory (sharded with an index, or one file)."""
+
+    def __init__(self, checkpoint_dir: str | os.PathLike):
+        self.root = Path(checkpoint_dir)
+        index = self.root / SAFE_WEIGHTS_INDEX_NAME
+        single = self.root / SAFE_WEIGHTS_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.key_to_file = {key: str(self.root / name) for key, name in weight_map.items()}
+        elif single.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(single), framework="pt") as handle:
+                self.key_to_file = dict.fromkeys(handle.keys(), str(single))
+        else:
+            raise FileNotFoundError(
+                f"{self.root} holds neither {SAFE_WEIGHTS_INDEX_NAME} nor {SAFE_WEIGHTS_NAME} (only safetensors "
+                "checkpoints can be read slice by slice)"
+            )
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.key_to_file
+
+    def resolve(self, candidates: Iterable[str], prefix: str | None = None) -> str | None:
+        """The first candidate key present in the checkpoint, also trying with/without ``prefix.`` (e.g. ``model``)."""
+        for key in candidates:
+            if key in self.key_to_file:
+                return key
+            if prefix:
+                if key.startswith(prefix + ".") and key[len(prefix) + 1 :] in self.key_to_file:
+                    return key[len(prefix) + 1 :]
+                if f"{prefix}.{key}" in self.key_to_file:
+                    return f"{prefix}.{key}"
+        return None
+
+    def group_by_file(self, keys: Iterable[tuple[str, object]]) -> Iterator[tuple[str, list[tuple[str, object]]]]:
+        """``(file, [(key, payload), ...])`` so that each file is opened once, in file order."""
+        groups: dict[str, list[tuple[str, object]]] = defaultdict(list)
+        for key, payload in keys:
+            groups[self.key_to_file[key]].append((key, payload))
+        yield from sorted(groups.items())
+
+
+_PEFT_SEGMENTS = re.compile(r"\.(base_layer|original_module)(?=\.)|\.modules_to_save\.[^.]+(?=\.)")
+
+
+def base_checkpoint_key(name: str) -> str:
+    """A PEFT model's parameter/buffer name -> the plain model's key.
+
+    ``base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight`` ->
+    ``model.layers.0.self_attn.q_proj.weight``;
+    ``...lm_head.original_module.weight`` / ``...lm_head.modules_to_save.default.weight`` -> ``...lm_head.weight``
+    (the trained copy of a ``modules_to_save`` module starts from the base weights).
+    """
+    name = name.removeprefix("base_model.model.")
+    return _PEFT_SEGMENTS.sub("", name)
+
+
+def read_slice(handle, key: str, index: tuple[slice, ...]) -> Tensor:
+    """``checkpoint[key][index]`` read from an open ``safe_open`` handle (only those bytes are copied)."""
+    piece = handle.get_slice(key)
+    if not index:
+        return piece[:]
+    return piece[index]
+
+
+def read_flat_range(handle, key: str, start: int, stop: int) -> Tensor:
+    """Elements ``[start, stop)`` of ``checkpoint[key].flatten()`` (reads the rows of dim 0 that overlap, then cuts)."""
+    piece = handle.get_slice(key)
+    shape = piece.get_shape()
+    if stop <= start:
+        return torch.empty(0)
+    if len(shape) <= 1:
+        return piece[start:stop].reshape(-1)
+    row = 1
+    for size in shape[1:]:
+        row *= size
+    first, last = start // row, (stop + row - 1) // row
+    rows = piece[first:last].reshape(-1)
+    return rows[start - first * row : stop - first * row]
+
+
+def names_by_tensor(module: nn.Module) -> dict[int, list[str]]:
+    """``{id(tensor): [every name it has]}`` for parameters and buffers (tied weights have several names)."""
+    names: dict[int, list[str]] = defaultdict(list)
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names[id(param)].append(name)
+    for name, buffer in module.named_buffers(remove_duplicate=False):
+        if buffer is not None:
+            names[id(buffer)].append(name)
+    return names
