@@ -62,7 +62,7 @@ class PhasePeaks:
     """Peak ``RssAnon`` of this process per phase of a run, sampled by a daemon thread (every ``interval`` s).
 
     ``with PhasePeaks() as peaks: peaks.phase("load"); ...; peaks.phase("train"); ...`` then ``peaks.report()``:
-    ``{phase: {"start_mib", "peak_mib"}}``. Measured from the process, never computed from tensor shapes.
+    ``{phase: {"start_mib", "peak_mib", "seconds"}}``. Measured from the process, never computed from tensor shapes.
     """
 
     def __init__(self, interval: float = 0.02):
@@ -73,6 +73,7 @@ class PhasePeaks:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="boft-memory", daemon=True)
         self._current: str | None = None
+        self._started = 0.0
         self._phases: dict[str, dict[str, float]] = {}
 
     def __enter__(self) -> PhasePeaks:
@@ -99,13 +100,24 @@ class PhasePeaks:
 
     def phase(self, name: str) -> None:
         """Close the current phase (one last sample) and start ``name``."""
+        import time
+
         self._sample()
         start = (rss_anon_bytes() or 0) / 2**20
+        now = time.monotonic()
         with self._lock:
-            self._current = name
-            self._phases.setdefault(name, {"start_mib": round(start, 1), "peak_mib": start})
+            if self._current is not None:
+                self._phases[self._current]["seconds"] += now - self._started
+            self._current, self._started = name, now
+            self._phases.setdefault(name, {"start_mib": round(start, 1), "peak_mib": start, "seconds": 0.0})
 
     def report(self) -> dict[str, dict[str, float]]:
+        """Per phase: resident memory when it began, its peak (MiB), and its duration so far (s)."""
+        import time
+
         self._sample()
         with self._lock:
-            return {name: {k: round(v, 1) for k, v in entry.items()} for name, entry in self._phases.items()}
+            phases = {name: dict(entry) for name, entry in self._phases.items()}
+            if self._current is not None:
+                phases[self._current]["seconds"] += time.monotonic() - self._started
+        return {name: {k: round(v, 1) for k, v in entry.items()} for name, entry in phases.items()}

@@ -141,9 +141,14 @@ def _load_base_model(recipe, path: str):
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     if is_zero3(recipe.training) and has_safetensors(path):
-        from ..distributed.zero3_loading import load_zero3_partitions
+        from ..distributed.zero3_loading import empty_zero3_model, load_zero3_partitions
+        from .model_source import causal_lm_class
 
-        model = _empty_model(recipe, path)  # transformers builds it under zero.Init: already partitioned
+        config = model_config_of(recipe, model_source(recipe))
+        model = empty_zero3_model(causal_lm_class(config), config, _torch_dtype(recipe, config))
+        if model is None:
+            model = _empty_model(recipe, path)  # transformers builds it under zero.Init: already partitioned
+        model.name_or_path = model.config._name_or_path = path
         report = load_zero3_partitions(model, path)
         if report is not None:
             _log(

@@ -48,6 +48,20 @@ class LogMemory(TrainerCallback):
             state.log_history[-1]["rss_mib"] = rss
 
 
+class ReleaseFreedMemory(TrainerCallback):
+    """After every optimizer step, give the heap memory freed during the step back to the OS (``malloc_trim``).
+
+    Gathered parameters, gradients and activations are freed at the end of a step but small blocks stay in glibc's
+    heap; measured on a 0.9B model under ZeRO-3 on 2 ranks, trimming keeps ~0.3 GiB per rank from accumulating.
+    """
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from ..process_memory import malloc_trim
+
+        malloc_trim()
+        return control
+
+
 class SyncReferenceAdapter(TrainerCallback):
     """At the end of the Trainer's constructor, make TRL's DPO ``ref`` adapter an exact copy of ``default``.
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..distributed.gather import gather_objects
 from ..export import export_adapter
-from ..process_memory import PhasePeaks, limit_heap_retention
+from ..process_memory import PhasePeaks, limit_heap_retention, malloc_trim
 from .builder import build
 from .checkpoints import checkpoint_to_resume
 from .data import is_conversational_dataset, load_recipe_data
@@ -118,6 +118,7 @@ def run(recipe, train_dataset=None, eval_dataset=None, end: bool = False) -> Run
         prepared = prepare(recipe, train_dataset, eval_dataset)
         peaks.phase("load")
         built = build(recipe, tokenizer=prepared.tokenizer)
+        malloc_trim()  # what loading freed (whole tensors read once, construction buffers) goes back to the OS
         peaks.phase("train")
         trainer = make_trainer(recipe, built, prepared.train_dataset, prepared.eval_dataset)
         trainer.train(resume_from_checkpoint=recipe.training.resume_from_checkpoint)

@@ -20,7 +20,7 @@ from trl import DPOTrainer, SFTTrainer
 
 from ..distributed.fsdp import is_fsdp2_sharded, store_block_major
 from . import dcp_checkpoints
-from .callbacks import CompleteCheckpoints, LogMemory, SyncReferenceAdapter
+from .callbacks import CompleteCheckpoints, LogMemory, ReleaseFreedMemory, SyncReferenceAdapter
 from .checkpoints import resolve_resume
 from .data_order import WorldSizeInvariantDataMixin
 from .dpo_reference import REFERENCE_ADAPTER
@@ -39,6 +39,7 @@ class BoftTrainerMixin:
         keep, self.args.save_total_limit = self.args.save_total_limit, None
         self.add_callback(CompleteCheckpoints(keep))
         self.add_callback(LogMemory())
+        self.add_callback(ReleaseFreedMemory())
         self.boft_fsdp2_pre_sharded = is_fsdp2_sharded(self.model)
         if getattr(self, "is_fsdp_enabled", False):  # accelerate's FSDP2 plugin shards every parameter on dim 0
             store_block_major(self.model)
