@@ -199,28 +199,26 @@ def load_sharded_base_weights(
     return report
 
 
-def load_adapter_shards(model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default") -> int:
-    """Copy a saved adapter (``adapter_model.safetensors``, checked first) into a sharded model's adapter tensors.
+def load_adapter_shards(model: nn.Module, tensors: dict[str, Tensor], adapter_name: str = "default") -> int:
+    """Copy a saved adapter's tensors (PEFT's keys and layout, as ``adapter_loading.read_adapter`` returns them,
+    already checked) into a sharded model's adapter tensors.
 
-    The adapter is small: every rank reads it whole, the tuner maps its keys (PEFT's layout on disk, block-major in
+    The adapter is small: every rank holds it whole, the tuner maps its keys (PEFT's layout on disk, block-major in
     memory) and ``set_model_state_dict`` keeps each rank's shard. Returns the number of tensors loaded.
     """
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import PeftType
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from ..adapter_loading import read_adapter
-
-    checkpoint = read_adapter(adapter_dir)
     peft_model = model
     tuner = PEFT_TYPE_TO_TUNER_MAPPING[PeftType.BOFT]
     remapped = tuner._remap_adapter_state_dict_for_load(
-        peft_model, peft_model.peft_config[adapter_name], adapter_name, checkpoint.tensors
+        peft_model, peft_model.peft_config[adapter_name], adapter_name, tensors
     )
     known = set(model.state_dict().keys())
     unknown = sorted(set(remapped) - known)
     if unknown:  # set_model_state_dict(strict=False) would skip them without a word
-        raise KeyError(f"{adapter_dir}: {len(unknown)} adapter tensor(s) have no place in this model: {unknown[:4]}")
+        raise KeyError(f"{len(unknown)} adapter tensor(s) have no place in this model: {unknown[:4]}")
     set_model_state_dict(model, remapped, options=StateDictOptions(full_state_dict=True, strict=False))
     return len(remapped)
 

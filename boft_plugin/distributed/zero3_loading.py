@@ -63,6 +63,7 @@ def empty_zero3_model(model_class, config, dtype):
     with ContextManagers(contexts):
         model = model_class(config)
         patch_output_recorders(model)
+    model.tie_weights()  # no_init_weights skips it; untied, a tied checkpoint would lack lm_head.weight
     return model
 
 

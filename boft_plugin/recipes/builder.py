@@ -132,6 +132,7 @@ def _empty_model(recipe, path: str, device: str | None = None):
     placement = torch.device(device) if device else contextlib.nullcontext()
     with placement, no_init_weights():  # every weight is read from the checkpoint next
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.training.trust_remote_code, **kwargs)
+    model.tie_weights()  # skipped under no_init_weights: an untied lm_head would be missing from a tied checkpoint
     model.name_or_path = model.config._name_or_path = path  # what the exported adapter names as its base
     return model
 
@@ -150,7 +151,9 @@ def _load_base_model(recipe, path: str):
             model = _empty_model(recipe, path)  # transformers builds it under zero.Init: already partitioned
         model.name_or_path = model.config._name_or_path = path
         report = load_zero3_partitions(model, path)
-        if report is not None:
+        if report is None:
+            _log(f"ZeRO-3: {path} needs transformers' key conversions; loading it with from_pretrained under zero.Init")
+        else:
             _log(
                 f"ZeRO-3: {report['tensors']} tensors read partition by partition from {path} "
                 f"({report['local_gib']:.2f} GiB on this rank, {report['seconds']:.1f} s)"
@@ -185,7 +188,9 @@ def _build_fsdp2_from_shards(recipe, path: str):
         f"({report.local_bytes / 2**30:.2f} GiB on this rank, {report.seconds:.1f} s)"
     )
     if recipe.options.init_adapter:
-        load_adapter_shards(model, recipe.options.init_adapter)
+        from ..adapter_loading import read_adapter
+
+        load_adapter_shards(model, read_adapter(recipe.options.init_adapter).tensors)
     if recipe.task == "dpo":
         copy_adapter_shards(model, "default", REFERENCE_ADAPTER)
     return model
