@@ -181,6 +181,9 @@ def run_case(
                 w = entry.workload
                 entry.row |= summarize_ms(entry.times)
                 entry.row["cpu_median_ms"] = round(statistics.median(entry.cpu_times), 3)
+                entry.row["cpu_min_ms"] = round(min(entry.cpu_times), 3)
+                entry.row["cpu_max_ms"] = round(max(entry.cpu_times), 3)
+                entry.row["cpu_times_ms"] = [round(t, 3) for t in entry.cpu_times]
                 entry.row |= measure_memory(w.forward, w.finish, w.reset, opts.device, w.exclude)
             entry.row["other_cpu_share"] = entry.cpu.share
             entry.row["status"] = "ok"

@@ -27,6 +27,8 @@ share one host sync.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -46,14 +48,17 @@ def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return acc
 
 
-def _scale_stats(s: Tensor, need_small: bool) -> tuple[int, int]:
-    """(number of non-finite entries, number of |s| < SMALL_SCALE) with a single host sync."""
-    bad = (~torch.isfinite(s)).sum()
-    if not need_small:
-        return int(bad), 0
-    small = (s.abs() < SMALL_SCALE).sum()
-    bad, small = torch.stack([bad, small]).tolist()
-    return int(bad), int(small)
+def _scale_stats(s: Tensor, need_small: bool) -> tuple[int, bool]:
+    """(number of non-finite entries, whether any |s| < SMALL_SCALE) with a single host sync.
+
+    ``aminmax`` of ``|s|``: the max is NaN/Inf iff some entry is (NaN propagates), the min says whether any is
+    small; the exact non-finite count is only computed when there is one (for the error message).
+    """
+    if s.numel() == 0:
+        return 0, False
+    low, high = torch.stack(torch.aminmax(s.detach().abs())).tolist()
+    bad = 0 if math.isfinite(high) else int((~torch.isfinite(s)).sum())
+    return bad, need_small and low < SMALL_SCALE
 
 
 class _ScaleShift(torch.autograd.Function):
@@ -63,7 +68,7 @@ class _ScaleShift(torch.autograd.Function):
         s_acc = s.to(acc)
         need_s_grad = ctx.needs_input_grad[1]
         need_small = need_s_grad and out_dtype == r.dtype
-        n_small = 0
+        n_small = False
         if (check or need_small) and not torch.compiler.is_compiling():
             n_bad, n_small = _scale_stats(s, need_small)  # one host sync for both
             if check and n_bad:
@@ -116,11 +121,12 @@ class _ScaleShift(torch.autograd.Function):
                 grad_s = centered.mul_(grad).sum(lead)
             else:
                 y = saved[0]
-                centered = y.to(acc, copy=True)
-                if b_acc is not None:
-                    centered.sub_(b_acc)
-                total = centered.mul_(grad).sum(lead)
-                del centered
+                if b_acc is None:
+                    total = torch.mul(y.to(acc), grad).sum(lead)  # one product, no copy of y
+                else:
+                    centered = y.to(acc, copy=True)
+                    total = centered.sub_(b_acc).mul_(grad).sum(lead)
+                    del centered
                 if ctx.mode == "y+cols":
                     cols, r_cols = saved[3], saved[4]
                     small = torch.zeros_like(s_acc, dtype=torch.bool).index_fill_(0, cols, True)

@@ -42,7 +42,11 @@ def merge_matrix(matrix: Tensor, boft_r: Tensor, boft_s: Tensor, inverse: bool =
 
 
 def _all_finite(blocks: Tensor, boft_r: Tensor) -> bool:
-    # boft_R too: the Cayley map sends an infinite entry to a finite rotation, which would hide the divergence
+    # boft_R too: the Cayley map sends an infinite entry to a finite rotation, which would hide the divergence.
+    # Fast path: one sum each (the blocks are orthogonal, |entries| <= 1, so their sum is finite iff they all
+    # are); only a non-finite sum (a NaN/Inf, or an overflowing boft_R) pays for the exact element-wise check.
+    if bool(torch.isfinite(blocks.sum() + boft_r.sum())):
+        return True
     return bool(torch.isfinite(blocks).all()) and bool(torch.isfinite(boft_r).all())
 
 

@@ -4,8 +4,9 @@
   64 on CUDA; ``BOFT_PLUGIN_MIN_BLOCK_WIDTH`` overrides): batched matmuls of 8-wide blocks run far below the
   machine's matmul rate (measured in benchmarks/RESULTS.md).
 - With gradients, the Cayley + composition step is recomputed in backward instead of keeping its intermediates
-  when those (about ``m * n * Be`` elements, independent of the tokens) would outweigh one activation of the
-  layer's input (``tokens * n``); for small ``b * 2**(m-1)`` or many tokens they are simply kept.
+  when those (``n * composition_saved_rows(b, m)`` elements, 232 n for b = 8, m = 4, independent of the tokens)
+  would outweigh one activation of the layer's input (``tokens * n``); for small ``b * 2**(m-1)`` or many tokens
+  they are simply kept.
 - Without gradients (``eval()`` + ``no_grad``), the blocks are cached while the parameter is unchanged.
 """
 
@@ -21,6 +22,7 @@ from ..ops.butterfly import (
     application_group,
     cayley,
     compose_effective_blocks,
+    composition_saved_rows,
     effective_block_size,
     group_blocks,
     multiplicative_dropout,
@@ -61,7 +63,7 @@ def application_blocks(boft_r: Tensor, dropout_p: float, min_width: int, tokens:
     m, n_blocks, b, _ = boft_r.shape
     effective = effective_block_size(b, m)
     group = application_group(n_blocks // 2 ** (m - 1), effective, min_width)
-    heavy = tokens is None or m * effective > tokens
+    heavy = tokens is None or composition_saved_rows(b, m) > tokens
     if m > 1 and heavy and torch.is_grad_enabled() and boft_r.requires_grad:
         # keep only boft_R for backward; recompute the (token-independent, cheap) composition there
         return checkpoint(_grouped_blocks, boft_r, dropout_p, group, use_reentrant=False)
