@@ -154,7 +154,7 @@ def generate_answers(model_dir: str, adapter: str | None, prompts: list[str], ou
 
 
 def answers_in_fresh_process(
-    model_dir: str, adapter: Path | None, out: Path, prompts: int, timeout: float
+    model_dir: str, adapter: Path | None, out: Path, *, prompts: int, timeout: float
 ) -> list[str]:
     from .launchers import cpu_env, run
 
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.prompts:
             print("\nanswers of the base model ...", flush=True)
             answers["base"] = answers_in_fresh_process(
-                base, None, workdir / "answers_base.json", args.prompts, args.timeout
+                base, None, workdir / "answers_base.json", prompts=args.prompts, timeout=args.timeout
             )
         launch("sft", paths["sft_recipe"], args.nproc, args.timeout)
         launch("dpo", paths["dpo_recipe"], args.nproc, args.timeout)
@@ -315,10 +315,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.prompts:
             print("answers after SFT and after DPO ...", flush=True)
             answers["sft"] = answers_in_fresh_process(
-                base, paths["sft_out"], workdir / "answers_sft.json", args.timeout
+                base, paths["sft_out"], workdir / "answers_sft.json", prompts=args.prompts, timeout=args.timeout
             )
             answers["dpo"] = answers_in_fresh_process(
-                str(paths["dpo_out"] / "merged"), None, workdir / "answers_dpo.json", args.prompts, args.timeout
+                str(paths["dpo_out"] / "merged"),
+                None,
+                workdir / "answers_dpo.json",
+                prompts=args.prompts,
+                timeout=args.timeout,
             )
         sft = json.loads((paths["sft_out"] / SUMMARY_FILE).read_text())
         dpo = json.loads((paths["dpo_out"] / SUMMARY_FILE).read_text())
