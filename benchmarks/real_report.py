@@ -178,3 +178,45 @@ def extra_memory(result: dict) -> dict[str, dict[str, float | None]]:
             entry[key] = (row[key] - base[key]) / den if den and den > 0 else None
         out[f"m={row['m']}"] = entry
     return out
+
+
+def layer_summary_table(layers: list[dict], metric: str = "cpu_median_ms") -> str:
+    """One line per layer case: ours m / matched LoRA [paired spread], stock m=1 / ours m=1, and the extra saved
+    activations and peak ΔRSS over the base of ours m=4 and of its matched LoRA (MiB, measured)."""
+    headers = ["model", "layer", "tokens", "ours m=1 / LoRA", "ours m=2 / LoRA", "ours m=4 / LoRA"]
+    headers += ["stock m=1 / ours m=1", "m=4 saved − base", "LoRA saved − base", "m=4 ΔRSS − base", "LoRA ΔRSS − base"]
+    table = []
+    for case in layers:
+        rows, by_key = case["rows"], _by_key(case["rows"])
+        ours = {row["m"]: row for row in rows if row["kind"] == "ours"}
+        stock = next((row for row in rows if row["kind"] == "stock"), None)
+        base = by_key.get("base")
+        cells = [case["model"], case["title"].split(",")[0].removeprefix("Layer "), str(case["case"]["tokens"])]
+        for m in (1, 2, 4):
+            cells.append(fmt_ratio(ratio(ours.get(m), lora_row(rows, case["lora_by_m"], m), metric)))
+        cells.append(fmt_ratio(ratio(stock, ours.get(1), metric)))
+        lora4 = lora_row(rows, case["lora_by_m"], 4)
+        for key in ("saved_bytes", "rss_delta_bytes"):
+            for row in (ours.get(4), lora4):
+                ok = _ok(row) and _ok(base)
+                cells.append(fmt_mib(row[key] - base[key]) if ok else "—")
+        table.append(cells)
+    return markdown_table(headers, table, left=(0, 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.real_report outputs/bench_real_model.json``: the per-layer summary of a finished run."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("json", help="the --json file bench_real_model.py wrote")
+    args = parser.parse_args(argv)
+    with open(args.json) as handle:
+        layers = json.load(handle).get("layers", [])
+    print(layer_summary_table(layers))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,7 +7,8 @@ from /proc/self/status by boft_plugin.process_memory.PhasePeaks). Loading and th
 
 to what the rank held when the phase began (the largest tensor: ZeRO-3 allocates each parameter whole before
 partitioning it, an export gathers one whole tensor and merges it). Before this was built each rank added the whole
-model while loading, and rank 0 another whole model in the merged export (benchmarks/RESULTS.md, "Memory per rank").
+model while loading, and rank 0 another whole model in the merged export (docs/design.md, "Holding 1/W of the base
+model").
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def shard_for_fsdp2(
         mesh: a 1-D device mesh (default: FSDP2's, over the default process group).
         block_classes: class names of the blocks to shard separately (default: ``_no_split_modules``).
         separate_embeddings: give untied input / output embeddings their own FSDP2 units. In the root unit they
-            stay gathered for the whole forward (2 x 0.25 GiB for a 0.9B Llama: measured, benchmarks/RESULTS.md);
+            stay gathered for the whole forward (2 x 0.25 GiB for a 0.9B Llama: measured, docs/design.md);
             as their own units each is gathered only around its use. Tied embeddings stay in the root (one
             parameter cannot be in two units).
 

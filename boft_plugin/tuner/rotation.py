@@ -2,7 +2,7 @@
 
 - Small blocks are merged into application blocks of at least ``min_application_width(device)`` (16 on the CPU,
   64 on CUDA; ``BOFT_PLUGIN_MIN_BLOCK_WIDTH`` overrides): batched matmuls of 8-wide blocks run far below the
-  machine's matmul rate (measured in benchmarks/RESULTS.md).
+  machine's matmul rate (measured: docs/design.md, section 8).
 - With gradients, the Cayley + composition step is recomputed in backward instead of keeping its intermediates
   when those (``n * composition_saved_rows(b, m)`` elements, 232 n for b = 8, m = 4, independent of the tokens)
   would outweigh one activation of the layer's input (``tokens * n``); for small ``b * 2**(m-1)`` or many tokens
