@@ -41,9 +41,12 @@ def limit_heap_retention(mmap_threshold: int = 1 << 20, trim_threshold: int = 16
 
 
 def malloc_trim() -> bool:
-    """Give freed heap memory back to the OS now (glibc ``malloc_trim(0)``); False where unavailable."""
+    """Give freed heap memory back to the OS now (glibc ``malloc_trim(0)``); False where unavailable or when
+    ``$BOFT_PLUGIN_KEEP_MALLOC_DEFAULTS`` is set."""
     libc = _libc()
-    return bool(libc is not None and hasattr(libc, "malloc_trim") and libc.malloc_trim(0))
+    if libc is None or os.environ.get(OPT_OUT) or not hasattr(libc, "malloc_trim"):
+        return False
+    return bool(libc.malloc_trim(0))
 
 
 def rss_anon_bytes(pid: int | str = "self") -> int | None:
