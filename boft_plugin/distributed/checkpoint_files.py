@@ -11,7 +11,8 @@ import json
 import os
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,7 +20,9 @@ from torch import Tensor, nn
 
 __all__ = [
     "CheckpointIndex",
+    "KeyMatch",
     "base_checkpoint_key",
+    "match_checkpoint_keys",
     "names_by_tensor",
     "read_flat_range",
     "read_slice",
@@ -121,3 +124,40 @@ def names_by_tensor(module: nn.Module) -> dict[int, list[str]]:
         if buffer is not None:
             names[id(buffer)].append(name)
     return names
+
+
+@dataclass
+class KeyMatch:
+    """Where each parameter / persistent buffer of a model comes from in a checkpoint (see
+    :func:`match_checkpoint_keys`)."""
+
+    found: list[tuple[str, str, Tensor]] = field(default_factory=list)  # (checkpoint key, name, tensor)
+    skipped: list[str] = field(default_factory=list)  # names the caller asked to skip (e.g. adapter tensors)
+    missing: list[str] = field(default_factory=list)  # the checkpoint key each unmatched tensor would have had
+
+
+def match_checkpoint_keys(
+    module: nn.Module, index: CheckpointIndex, prefix: str | None, skip: Callable[[str], bool] | None = None
+) -> KeyMatch:
+    """Match every parameter and persistent buffer of ``module`` (a plain or PEFT-wrapped model) to its checkpoint
+    key. A tied tensor is matched once, under whichever of its names the checkpoint has; PEFT's name segments are
+    dropped (:func:`base_checkpoint_key`); the base model prefix (``model.``) may be present in the checkpoint or not.
+    """
+    state = dict(module.state_dict(keep_vars=True))
+    names_of = names_by_tensor(module)
+    match, seen = KeyMatch(), set()
+    for name, tensor in state.items():
+        if id(tensor) in seen:
+            continue  # tied: matched once
+        seen.add(id(tensor))
+        if skip is not None and skip(name):
+            match.skipped.append(name)
+            continue
+        candidates = [base_checkpoint_key(n) for n in names_of.get(id(tensor), [name]) if n in state]
+        candidates = candidates or [base_checkpoint_key(name)]
+        key = index.resolve(candidates, prefix)
+        if key is None:
+            match.missing.append(candidates[0])
+        else:
+            match.found.append((key, name, tensor))
+    return match

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .checkpoint_files import CheckpointIndex, base_checkpoint_key, names_by_tensor, read_slice
+from .checkpoint_files import CheckpointIndex, match_checkpoint_keys, read_slice
 
 __all__ = [
     "LoadReport",
@@ -152,27 +152,11 @@ def load_sharded_base_weights(
 
     model.to_empty(device=device)
 
-    persistent: dict[str, Tensor] = dict(model.state_dict(keep_vars=True))  # params + persistent buffers
-    names_of = names_by_tensor(model)
-    work: list[tuple[str, tuple[tuple[slice, ...], Tensor]]] = []
-    missing, seen = [], set()
-    for name, tensor in persistent.items():
-        if id(tensor) in seen:
-            continue  # a tied parameter: loaded once
-        seen.add(id(tensor))
-        if _is_adapter_tensor(name):
-            report.adapter.append(name)
-            continue
-        candidates = [base_checkpoint_key(n) for n in names_of.get(id(tensor), [name]) if n in persistent] or [
-            base_checkpoint_key(name)
-        ]
-        key = index.resolve(candidates, prefix)
-        if key is None:
-            missing.append(candidates[0])
-            continue
-        work.append((key, _local_index(tensor)))
-    if missing and strict:
-        raise KeyError(f"{len(missing)} base tensors not in {checkpoint_dir}: {missing[:8]}")
+    match = match_checkpoint_keys(model, index, prefix, skip=_is_adapter_tensor)
+    report.adapter.extend(match.skipped)
+    work = [(key, _local_index(tensor)) for key, _, tensor in match.found]
+    if match.missing and strict:
+        raise KeyError(f"{len(match.missing)} base tensors not in {checkpoint_dir}: {match.missing[:8]}")
 
     with torch.no_grad():
         for file, items in index.group_by_file(work):

@@ -18,7 +18,7 @@ import time
 import torch
 from torch import nn
 
-from .checkpoint_files import CheckpointIndex, names_by_tensor, read_flat_range
+from .checkpoint_files import CheckpointIndex, match_checkpoint_keys, read_flat_range
 
 __all__ = ["empty_zero3_model", "load_zero3_partitions"]
 
@@ -67,26 +67,6 @@ def empty_zero3_model(model_class, config, dtype):
     return model
 
 
-def _checkpoint_keys(model: nn.Module, index: CheckpointIndex) -> dict[str, tuple[str, object]] | None:
-    """``{checkpoint key: (name, tensor)}`` for every parameter and persistent buffer; None when one has no key
-    (a checkpoint that needs transformers' key conversions: the caller uses ``from_pretrained`` instead)."""
-    prefix = getattr(model, "base_model_prefix", None)
-    state = dict(model.state_dict(keep_vars=True))
-    names_of = names_by_tensor(model)
-    work: dict[str, tuple[str, object]] = {}
-    seen: set[int] = set()
-    for name, tensor in state.items():
-        if id(tensor) in seen:
-            continue  # tied: loaded once
-        seen.add(id(tensor))
-        candidates = [n for n in names_of.get(id(tensor), [name]) if n in state] or [name]
-        key = index.resolve(candidates, prefix)
-        if key is None:
-            return None
-        work[key] = (name, tensor)
-    return work
-
-
 def load_zero3_partitions(model: nn.Module, checkpoint_dir: str | os.PathLike) -> dict | None:
     """Fill every ZeRO-3 partition of ``model`` (built under ``zero.Init``) from a safetensors checkpoint.
 
@@ -99,14 +79,15 @@ def load_zero3_partitions(model: nn.Module, checkpoint_dir: str | os.PathLike) -
 
     started = time.time()
     index = CheckpointIndex(checkpoint_dir)
-    work = _checkpoint_keys(model, index)
-    if work is None:
+    match = match_checkpoint_keys(model, index, getattr(model, "base_model_prefix", None))
+    if match.missing:  # a checkpoint that needs transformers' key conversions: the caller uses from_pretrained
         return None
+    work = [(key, tensor) for key, _, tensor in match.found]
     local_bytes = 0
     with torch.no_grad():
-        for file, items in index.group_by_file(work.items()):
+        for file, items in index.group_by_file(work):
             with safe_open(file, framework="pt", device="cpu") as handle:
-                for key, (_, tensor) in items:
+                for key, tensor in items:
                     if hasattr(tensor, "ds_id"):
                         part = tensor.ds_tensor
                         size = part.ds_numel
