@@ -18,6 +18,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import psutil
+
 __all__ = ["LaunchResult", "cpu_env", "free_port", "run", "torchrun_cmd", "accelerate_cmd"]
 
 
@@ -44,6 +46,8 @@ def cpu_env(extra: dict[str, str] | None = None, threads_per_rank: int = 1) -> d
             "CC": "gcc",
             "CXX": "g++",
             "PYTHONUNBUFFERED": "1",
+            # a worker stopped on timeout (SIGABRT) or crashing prints every thread's Python stack
+            "PYTHONFAULTHANDLER": "1",
         }
     )
     if extra:
@@ -111,8 +115,12 @@ def run(
 ) -> LaunchResult:
     """Run one launcher command, or several concurrently (e.g. the launchers of two "nodes").
 
-    Each command gets its own process group; on timeout every group is killed. Output of all commands is
-    returned concatenated (and streamed to stdout when ``echo``).
+    Output of all commands is returned concatenated (and streamed to stdout when ``echo``). On timeout, or when
+    the caller is interrupted, every process the commands started is stopped: the workers first get SIGABRT so
+    that Python's fault handler (``PYTHONFAULTHANDLER``, set by ``cpu_env``) prints where each thread was, then
+    the whole tree gets SIGKILL. Killing the launcher's process group is not enough: torch.distributed.run and
+    DeepSpeed start each worker in a session of its own, and an orphaned worker holding the output pipe would
+    keep this call waiting for ever.
     """
     many = bool(cmds) and not isinstance(cmds[0], str)
     commands = [list(c) for c in cmds] if many else [list(cmds)]  # type: ignore[arg-type]
@@ -131,19 +139,63 @@ def run(
     ]
     outputs, timed_out, code = [], False, 0
     deadline = time.monotonic() + timeout
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            for p in procs:
-                _kill_group(p)
-            out, _ = proc.communicate()
-        outputs.append(out or "")
-        code = code or proc.returncode
+    try:
+        for proc in procs:
+            try:
+                out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _stop_trees(procs, dump_stacks=True)
+                out = _drain(proc)
+            outputs.append(out or "")
+            code = code or proc.returncode
+    except BaseException:
+        _stop_trees(procs, dump_stacks=False)
+        raise
     return LaunchResult(returncode=code if not timed_out else 124, output="\n".join(outputs), timed_out=timed_out)
 
 
+def _drain(proc: subprocess.Popen, grace: float = 30.0) -> str:
+    """What a stopped command printed; bounded, in case something outside its tree still holds the pipe."""
+    try:
+        out, _ = proc.communicate(timeout=grace)
+        return out or ""
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        proc.wait()
+        return "(output not complete: a process outside the launcher's tree kept the pipe open)"
+
+
+def _process_trees(procs: Sequence[subprocess.Popen]) -> list[psutil.Process]:
+    """Every live process the commands started, launchers first, then their descendants."""
+    found: list[psutil.Process] = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            top = psutil.Process(proc.pid)
+            found += [top, *top.children(recursive=True)]
+    return found
+
+
+def _stop_trees(procs: Sequence[subprocess.Popen], dump_stacks: bool, stack_wait: float = 5.0) -> None:
+    tree = _process_trees(procs)
+    if dump_stacks:
+        # the workers: everything below the launchers, or the command itself when it started nothing
+        launchers = {proc.pid for proc in procs}
+        workers = [p for p in tree if p.pid not in launchers] or tree
+        for process in workers:
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(signal.SIGABRT)
+        psutil.wait_procs(workers, timeout=stack_wait)
+    for process in tree:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    for proc in procs:
+        _kill_group(proc)
+    psutil.wait_procs(tree, timeout=stack_wait)
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)

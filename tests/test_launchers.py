@@ -1,0 +1,57 @@
+"""A hung distributed run ends at its timeout, with the workers' stacks, and leaves no process behind.
+
+torch.distributed.run starts each worker in a session of its own, so killing the launcher's process group
+leaves the workers running with the output pipe open; the launcher helper must stop the whole tree.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from boft_plugin.launchers import run, torchrun_cmd
+
+HUNG_WORKER = textwrap.dedent(
+    """
+    import os, subprocess, sys, time
+    # a grandchild in a session of its own that also holds the output pipe
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    print(f"worker {os.environ['RANK']} pid {os.getpid()} waiting", flush=True)
+    def wait_for_a_peer_that_never_comes():
+        time.sleep(600)
+    wait_for_a_peer_that_never_comes()
+    """
+)
+
+
+def _pids_of(output: str) -> list[int]:
+    return [int(line.split(" pid ")[1].split()[0]) for line in output.splitlines() if " pid " in line]
+
+
+def test_hung_torchrun_workers_are_stopped_with_their_stacks(tmp_path):
+    script = tmp_path / "hung_worker.py"
+    script.write_text(HUNG_WORKER)
+    start = time.monotonic()
+    result = run(torchrun_cmd([str(script)], nproc_per_node=2), timeout=20)
+    elapsed = time.monotonic() - start
+
+    assert result.timed_out and result.returncode == 124
+    assert elapsed < 20 + 45, f"run() returned {elapsed:.0f} s after start, not soon after its 20 s timeout"
+    pids = _pids_of(result.output)
+    assert len(pids) == 2, result.output[-3000:]
+    # each worker printed where it was stuck (PYTHONFAULTHANDLER from cpu_env, SIGABRT before the kill)
+    assert result.output.count("wait_for_a_peer_that_never_comes") >= 2, result.output[-3000:]
+    time.sleep(1)
+    alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert alive == []
+    with pytest.raises(RuntimeError, match="timed out"):
+        result.check("hung run")
+
+
+def test_a_finished_run_keeps_its_output_and_exit_code():
+    result = run([sys.executable, "-c", "print('done'); raise SystemExit(3)"], timeout=60)
+    assert not result.timed_out and result.returncode == 3 and "done" in result.output
