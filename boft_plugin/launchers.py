@@ -15,12 +15,25 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import psutil
 
-__all__ = ["LaunchResult", "cpu_env", "free_port", "run", "torchrun_cmd", "accelerate_cmd"]
+__all__ = [
+    "ATTEMPTS_ENV",
+    "LaunchResult",
+    "LaunchTimeoutWarning",
+    "accelerate_cmd",
+    "cpu_env",
+    "free_port",
+    "run",
+    "torchrun_cmd",
+]
+
+
+ATTEMPTS_ENV = "BOFT_PLUGIN_LAUNCH_ATTEMPTS"
 
 
 def free_port() -> int:
@@ -112,6 +125,7 @@ def run(
     env: dict[str, str] | None = None,
     cwd: str | None = None,
     echo: bool = False,
+    attempts: int | None = None,
 ) -> LaunchResult:
     """Run one launcher command, or several concurrently (e.g. the launchers of two "nodes").
 
@@ -121,7 +135,32 @@ def run(
     the whole tree gets SIGKILL. Killing the launcher's process group is not enough: torch.distributed.run and
     DeepSpeed start each worker in a session of its own, and an orphaned worker holding the output pipe would
     keep this call waiting for ever.
+
+    ``attempts`` (default ``$BOFT_PLUGIN_LAUNCH_ATTEMPTS``, else 1): how many times a command that *timed out* is
+    started again from scratch; a command that exits, with any code, is never repeated. Each timed-out attempt is
+    reported as a :class:`LaunchTimeoutWarning` carrying the workers' stacks. The test suite allows 2, so that one
+    rare hang of a CPU gloo run costs time but still shows where it hung.
     """
+    if attempts is None:
+        attempts = int(os.environ.get(ATTEMPTS_ENV, "1"))
+    for attempt in range(1, max(1, attempts) + 1):
+        result = _run_once(cmds, timeout, env, cwd, echo)
+        if not result.timed_out or attempt >= attempts:
+            return result
+        warnings.warn(
+            f"launch timed out after {timeout:.0f} s (attempt {attempt} of {attempts}), starting it again; "
+            f"where the workers were:\n{result.output[-8000:]}",
+            LaunchTimeoutWarning,
+            stacklevel=2,
+        )
+    raise AssertionError("unreachable")
+
+
+class LaunchTimeoutWarning(RuntimeWarning):
+    """A launched command timed out and was started again (``run(..., attempts > 1)``)."""
+
+
+def _run_once(cmds, timeout: float, env: dict[str, str] | None, cwd: str | None, echo: bool) -> LaunchResult:
     many = bool(cmds) and not isinstance(cmds[0], str)
     commands = [list(c) for c in cmds] if many else [list(cmds)]  # type: ignore[arg-type]
     env = env or cpu_env()

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.distributed
 HERE = Path(__file__).parent / "distributed"
 WORKER = str(HERE / "train_worker.py")
 RELOAD = str(HERE / "reload_check.py")
-TIMEOUT = 600
+TIMEOUT = 300  # a run takes 10-40 s here; two attempts (conftest) fit in the 1200 s per test
 
 
 def _launch(engine: str, base: Path, out: Path, nproc: int = 2, extra: tuple[str, ...] = ()) -> None:

@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from boft_plugin.launchers import run, torchrun_cmd
+from boft_plugin.launchers import LaunchTimeoutWarning, run, torchrun_cmd
 
 HUNG_WORKER = textwrap.dedent(
     """
@@ -36,7 +36,7 @@ def test_hung_torchrun_workers_are_stopped_with_their_stacks(tmp_path):
     script = tmp_path / "hung_worker.py"
     script.write_text(HUNG_WORKER)
     start = time.monotonic()
-    result = run(torchrun_cmd([str(script)], nproc_per_node=2), timeout=20)
+    result = run(torchrun_cmd([str(script)], nproc_per_node=2), timeout=20, attempts=1)
     elapsed = time.monotonic() - start
 
     assert result.timed_out and result.returncode == 124
@@ -55,3 +55,33 @@ def test_hung_torchrun_workers_are_stopped_with_their_stacks(tmp_path):
 def test_a_finished_run_keeps_its_output_and_exit_code():
     result = run([sys.executable, "-c", "print('done'); raise SystemExit(3)"], timeout=60)
     assert not result.timed_out and result.returncode == 3 and "done" in result.output
+
+
+FIRST_ATTEMPT_HANGS = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    marker = Path(sys.argv[1])
+    with marker.open("a") as f:
+        f.write("attempt\\n")
+    if len(marker.read_text().splitlines()) == 1:
+        time.sleep(600)
+    print("finished")
+    """
+)
+
+
+def test_a_timed_out_launch_is_started_again_and_reported(tmp_path):
+    script, marker = tmp_path / "flaky.py", tmp_path / "attempts.txt"
+    script.write_text(FIRST_ATTEMPT_HANGS)
+    with pytest.warns(LaunchTimeoutWarning, match="attempt 1 of 2"):
+        result = run([sys.executable, str(script), str(marker)], timeout=8, attempts=2)
+    assert result.returncode == 0 and "finished" in result.output
+    assert marker.read_text().splitlines() == ["attempt", "attempt"]
+
+
+def test_a_failed_launch_is_not_repeated(tmp_path):
+    marker = tmp_path / "attempts.txt"
+    code = f"open({str(marker)!r}, 'a').write('attempt' + chr(10)); raise SystemExit(2)"
+    result = run([sys.executable, "-c", code], timeout=60, attempts=3)
+    assert result.returncode == 2 and marker.read_text().splitlines() == ["attempt"]
