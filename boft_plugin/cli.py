@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -26,6 +27,10 @@ def _train(task: str, argv: list[str]) -> int:
     if any(flag in argv for flag in ("-h", "--help")):
         make_parser(task).print_help()
         return 0
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node, before anything can wait on a lock
+        from .extension_locks import warn_about_stale_extension_locks
+
+        warn_about_stale_extension_locks()
     try:
         recipe = parse_recipe(task, argv)
         from .recipes.train import run

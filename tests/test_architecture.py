@@ -15,6 +15,7 @@ LAYERS = {
     "launchers": 0,
     "tiny_models": 0,
     "process_memory": 0,
+    "extension_locks": 0,
     "smollm2": 0,
     "tuner": 1,
     "synthetic_tasks": 1,
