@@ -84,8 +84,11 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(result))
     if distributed:
+        from boft_plugin.process_exit import exit_after_distributed_run
+
         dist.barrier()
         dist.destroy_process_group()
+        exit_after_distributed_run(0)  # gloo threads outlive destroy_process_group (boft_plugin.process_exit)
 
 
 def _local_scale_elements(model) -> int:

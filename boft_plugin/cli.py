@@ -36,10 +36,15 @@ def _train(task: str, argv: list[str]) -> int:
         from .recipes.train import run
 
         run(recipe, end=True)
+        code = 0
     except RecipeError as err:
         print(f"boft-plugin {task}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        code = 2
+    from .process_exit import exit_after_distributed_run, launched_distributed
+
+    if launched_distributed():  # gloo threads outlive destroy_process_group (torch 2.13): no teardown under them
+        exit_after_distributed_run(code)
+    return code
 
 
 def _verify(argv: list[str]) -> int:

@@ -16,6 +16,7 @@ LAYERS = {
     "tiny_models": 0,
     "process_memory": 0,
     "extension_locks": 0,
+    "process_exit": 0,
     "smollm2": 0,
     "tuner": 1,
     "synthetic_tasks": 1,

@@ -134,8 +134,11 @@ def main() -> None:
             (out / "result.json").write_text(json.dumps(result))
         del keep_alive
     if distributed:
+        from boft_plugin.process_exit import exit_after_distributed_run
+
         dist.barrier()
         dist.destroy_process_group()
+        exit_after_distributed_run(0)  # gloo threads outlive destroy_process_group (boft_plugin.process_exit)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,35 @@
+"""End a distributed worker process without the interpreter's teardown, once its work is done.
+
+With torch 2.13, ``destroy_process_group()`` after a ``DistributedDataParallel`` backward does not free the gloo
+process group: its ``pt_gloo_runloop`` threads (and gloo's ``gloo_tcp_loop``) stay alive until the interpreter
+finalises (checked: ``tests/test_process_exit.py``). Torn down then, they sometimes abort a rank that finished and
+wrote everything ("terminate called without an active exception", SIGABRT: one CI run of a 240-step DDP SFT; the
+rare glibc heap abort after a run's export is likely the same teardown), and the launcher reports a failed job.
+Such a process runs its ``atexit`` handlers (trackers, logging, temporary files), flushes, and leaves with
+``os._exit`` so that nothing is torn down under live C++ threads.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import sys
+from typing import NoReturn
+
+__all__ = ["exit_after_distributed_run", "launched_distributed"]
+
+
+def launched_distributed() -> bool:
+    """True in a rank started by torch.distributed.run / accelerate / DeepSpeed with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def exit_after_distributed_run(code: int) -> NoReturn:
+    """``atexit`` handlers, flushed streams, then ``os._exit(code)``; call once every collective is finished and
+    the process group destroyed."""
+    atexit._run_exitfuncs()  # what a normal exit would run: logging.shutdown, trackers, tempfile cleanup
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed or broken pipe: nothing more can be said anyway
+            stream.flush()
+    os._exit(code)
