@@ -26,8 +26,14 @@ def launched_distributed() -> bool:
 
 
 def exit_after_distributed_run(code: int) -> NoReturn:
-    """``atexit`` handlers, flushed streams, then ``os._exit(code)``; call once every collective is finished and
-    the process group destroyed."""
+    """Destroy the process group if it is still up, run the ``atexit`` handlers, flush, then ``os._exit(code)``.
+
+    Call it once this rank's last collective is done (no barrier here: a rank leaving on an error must not wait
+    for the others)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     atexit._run_exitfuncs()  # what a normal exit would run: logging.shutdown, trackers, tempfile cleanup
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # closed or broken pipe: nothing more can be said anyway

@@ -30,10 +30,11 @@ WORKER = textwrap.dedent(
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
     model(torch.ones(2, 4)).sum().backward()
     del model
-    dist.destroy_process_group()
-    report = {"rank": dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"]),
-              "launched_distributed": launched_distributed(), "gloo_threads_after_destroy": gloo_threads()}
-    atexit.register(lambda: print("ATEXIT", os.environ["RANK"], flush=True))
+    report = {"rank": int(os.environ["RANK"]), "launched_distributed": launched_distributed()}
+    if sys.argv[1] == "ok":  # "fail" leaves the group up: the helper must destroy it before the handlers run
+        dist.destroy_process_group()
+        report["gloo_threads_after_destroy"] = gloo_threads()
+    atexit.register(lambda: print("ATEXIT", os.environ["RANK"], "group up:", dist.is_initialized(), flush=True))
     print("REPORT " + json.dumps(report), end="")  # no newline: the flush on exit must still deliver it
     exit_after_distributed_run(3 if sys.argv[1] == "fail" else 0)
     raise AssertionError("exit_after_distributed_run returned")
@@ -51,10 +52,12 @@ def test_finished_rank_exits_with_its_code_after_atexit_handlers(tmp_path, outco
     reports = [decoder.raw_decode(chunk)[0] for chunk in result.output.split("REPORT ")[1:]]
     assert sorted(r["rank"] for r in reports) == [0, 1], result.output[-3000:]
     assert all(r["launched_distributed"] for r in reports)
-    assert result.output.count("ATEXIT") == 2  # handlers ran before os._exit
+    assert result.output.count("ATEXIT") == 2  # handlers ran before os._exit, after the group was destroyed
+    assert result.output.count("group up: False") == 2, result.output[-3000:]
     assert "returned" not in result.output
-    # the torch 2.13 behaviour that makes this necessary; if this fails, torch frees the group now (see module doc)
-    assert all(r["gloo_threads_after_destroy"] == 2 for r in reports), reports
+    if outcome == "ok":
+        # the torch 2.13 behaviour that makes this necessary; if this fails, torch frees the group now (module doc)
+        assert all(r["gloo_threads_after_destroy"] == 2 for r in reports), reports
 
 
 def test_one_process_is_not_distributed(monkeypatch):
