@@ -32,6 +32,6 @@ def test_the_cli_names_a_stale_lock_before_it_starts(tmp_path):
     env = cpu_env({"TORCH_EXTENSIONS_DIR": str(tmp_path)})
     result = run([sys.executable, "-m", "boft_plugin", "sft", "--config", str(tmp_path / "missing.yaml")], 120, env)
     assert result.returncode == 2, result.output[-2000:]
-    warning = next(line for line in result.output.splitlines() if "warning" in line)
+    warning = next(line for line in result.output.splitlines() if "boft-plugin: warning:" in line)
     assert str(old) in warning and "60 min old" in warning
     assert result.output.index(str(old)) < result.output.index("error")
