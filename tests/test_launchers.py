@@ -6,6 +6,7 @@ leaves the workers running with the output pipe open; the launcher helper must s
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 import time
@@ -20,7 +21,7 @@ HUNG_WORKER = textwrap.dedent(
     import os, subprocess, sys, time
     # a grandchild in a session of its own that also holds the output pipe
     subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
-    print(f"worker {os.environ['RANK']} pid {os.getpid()} waiting", flush=True)
+    sys.stdout.write(f"worker {os.environ['RANK']} pid {os.getpid()} waiting\\n")
     def wait_for_a_peer_that_never_comes():
         time.sleep(600)
     wait_for_a_peer_that_never_comes()
@@ -29,7 +30,14 @@ HUNG_WORKER = textwrap.dedent(
 
 
 def _pids_of(output: str) -> list[int]:
-    return [int(line.split(" pid ")[1].split()[0]) for line in output.splitlines() if " pid " in line]
+    # searched in the whole output, not line by line: the two workers share the pipe, and a line of one can run
+    # into the other's (under PYTHONUNBUFFERED a print's text and newline are separate writes; seen in CI)
+    return [int(pid) for pid in re.findall(r"worker \d+ pid (\d+) waiting", output)]
+
+
+def test_worker_lines_that_ran_into_each_other_are_still_found():
+    # what CI printed once: rank 1's text, then rank 0's, then both newlines
+    assert _pids_of("worker 1 pid 24261 waitingworker 0 pid 24260 waiting\n\n") == [24261, 24260]
 
 
 def test_hung_torchrun_workers_are_stopped_with_their_stacks(tmp_path):

@@ -34,7 +34,8 @@ WORKER = textwrap.dedent(
     if sys.argv[1] == "ok":  # "fail" leaves the group up: the helper must destroy it before the handlers run
         dist.destroy_process_group()
         report["gloo_threads_after_destroy"] = gloo_threads()
-    atexit.register(lambda: print("ATEXIT", os.environ["RANK"], "group up:", dist.is_initialized(), flush=True))
+    # one write per line (a print of several values is several writes, and the two ranks share the pipe)
+    atexit.register(lambda: print(f"ATEXIT {os.environ['RANK']} group up: {dist.is_initialized()}\\n", end=""))
     print("REPORT " + json.dumps(report), end="")  # no newline: the flush on exit must still deliver it
     exit_after_distributed_run(3 if sys.argv[1] == "fail" else 0)
     raise AssertionError("exit_after_distributed_run returned")

@@ -97,7 +97,9 @@ def build(recipe, tokenizer=None) -> Built:
 def _log(message: str) -> None:
     from ..distributed.gather import rank
 
-    print(f"[boft-plugin] rank {rank()}: {message}", flush=True)
+    # one write per line: with PYTHONUNBUFFERED print writes the text and the newline separately, and the
+    # ranks share one output stream, so their lines would run into each other
+    print(f"[boft-plugin] rank {rank()}: {message}\n", end="", flush=True)
 
 
 def has_safetensors(path: str) -> bool:
