@@ -17,12 +17,20 @@ import os
 import sys
 from typing import NoReturn
 
-__all__ = ["exit_after_distributed_run", "launched_distributed"]
+__all__ = ["exit_after_distributed_run", "launched_distributed", "launched_world_size"]
+
+
+def launched_world_size() -> int:
+    """How many processes the launcher started (``WORLD_SIZE``; 1 when unset or not a number)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
 
 
 def launched_distributed() -> bool:
     """True in a rank started by torch.distributed.run / accelerate / DeepSpeed with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launched_world_size() > 1
 
 
 def exit_after_distributed_run(code: int) -> NoReturn:

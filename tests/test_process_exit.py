@@ -68,6 +68,8 @@ def test_one_process_is_not_distributed(monkeypatch):
     assert not launched_distributed()
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert not launched_distributed()
+    monkeypatch.setenv("WORLD_SIZE", "two")  # not a number: one process, as the recipe check reads it
+    assert not launched_distributed()
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert launched_distributed()
 

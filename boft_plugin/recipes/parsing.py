@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..process_exit import launched_world_size
 from .args import BoftArguments, RecipeOptions
 from .errors import RecipeError
 
@@ -225,10 +226,7 @@ def prefer_activation_checkpointing(merged: dict, args: list[str]) -> None:
 
 
 def _check_world_size(training) -> None:
-    try:
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        launched = 1
+    launched = launched_world_size()
     if launched > 1 and training.world_size != launched:
         raise RecipeError(
             f"launched as {launched} processes but the trainer sees world_size={training.world_size}: each rank "
