@@ -22,7 +22,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m boft_plugin.main_job
+	$(PY) -m boft_plugin.demo.main_job
 
 test: setup
 	$(PY) -m pytest -q

@@ -63,8 +63,8 @@ def cache_dir() -> Path:
 BUILD = """
 import sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from boft_plugin.atomic import atomic_directory
-from boft_plugin.tiny_models import char_tokenizer
+from boft_plugin.runtime.atomic import atomic_directory
+from boft_plugin.toy.models import char_tokenizer
 import json
 config = LlamaConfig(max_position_embeddings=2048, tie_word_embeddings=False, **json.loads(sys.argv[2]))
 torch.manual_seed(1234)
@@ -126,8 +126,8 @@ def write_recipe(out: Path, base: Path, engine: str, task: str, steps: int, accu
 def run(
     engine: str, world: int, base: Path, task: str, steps: int, work: Path, timeout: float, global_batch: int
 ) -> dict:
-    from boft_plugin.launchers import accelerate_cmd, cpu_env, torchrun_cmd
-    from boft_plugin.launchers import run as launch
+    from boft_plugin.runtime.launchers import accelerate_cmd, cpu_env, torchrun_cmd
+    from boft_plugin.runtime.launchers import run as launch
 
     out = work / f"{task}_{engine}_w{world}"
     recipe = write_recipe(out, base, engine, task, steps, global_batch // world)  # the same global batch at every W

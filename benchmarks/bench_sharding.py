@@ -20,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from boft_plugin.launchers import cpu_env, run, torchrun_cmd  # noqa: E402
+from boft_plugin.runtime.launchers import cpu_env, run, torchrun_cmd  # noqa: E402
 
 WORKER = str(Path(__file__).with_name("shard_worker.py"))
 

@@ -1,7 +1,7 @@
 """Cases and method lists of ``bench_real_model.py``: a real pretrained model and a wider config-built Llama.
 
 * ``smollm2``: SmolLM2-135M-Instruct (hidden 576, intermediate 1536, 30 layers, 9 heads / 3 KV heads, vocab 49152,
-  tied embeddings), the plain checkpoint :func:`boft_plugin.smollm2.convert_smollm2` builds once from the registry
+  tied embeddings), the plain checkpoint :func:`boft_plugin.demo.smollm2.convert_smollm2` builds once from the registry
   package (no model hub).
 * ``wide``: a random-weight Llama with TinyLlama-1.1B's widths (hidden 2048, intermediate 5632, 32 heads / 4 KV
   heads) and 4 layers; vocab 8192 so that the unadapted ``lm_head`` is ~9% of the step's matmul work, close to
@@ -59,7 +59,7 @@ class RealCase:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         if self.name == "smollm2":
-            from boft_plugin.smollm2 import convert_smollm2
+            from boft_plugin.demo.smollm2 import convert_smollm2
 
             return LlamaForCausalLM.from_pretrained(convert_smollm2(), dtype=torch.float32)
         w = WIDE
@@ -81,7 +81,7 @@ class RealCase:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         if self.name == "smollm2":
-            from boft_plugin.smollm2 import convert_smollm2
+            from boft_plugin.demo.smollm2 import convert_smollm2
 
             config = AutoConfig.from_pretrained(convert_smollm2())
             with torch.device("meta"):

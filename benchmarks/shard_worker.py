@@ -35,7 +35,7 @@ def main() -> None:
     import boft_plugin
     from boft_plugin.distributed.report import adapter_shards, optimizer_state_bytes
     from boft_plugin.testing.engines import init_cpu_process_group, optimizer_step, wrap_for_engine
-    from boft_plugin.tiny_models import tiny_llama
+    from boft_plugin.toy.models import tiny_llama
 
     distributed = args.engine != "single"
     rank, world = init_cpu_process_group(args.engine)
@@ -84,10 +84,10 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(result))
     if distributed:
-        from boft_plugin.process_exit import exit_after_distributed_run
+        from boft_plugin.runtime.process_exit import exit_after_distributed_run
 
         dist.barrier()
-        exit_after_distributed_run(0)  # destroys the group; gloo threads outlive it (boft_plugin.process_exit)
+        exit_after_distributed_run(0)  # destroys the group; gloo threads outlive it (boft_plugin.runtime.process_exit)
 
 
 def _local_scale_elements(model) -> int:

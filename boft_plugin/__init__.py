@@ -16,19 +16,24 @@ __version__ = "0.1.0"
 
 # Public names, imported on first use so that `import boft_plugin` stays cheap and side-effect free.
 _LAZY = {
-    "register": ".registry",
-    "unregister": ".registry",
-    "is_registered": ".registry",
+    "register": ".tuner.registry",
+    "unregister": ".tuner.registry",
+    "is_registered": ".tuner.registry",
+    "BoftTuner": ".tuner.model",
     "BoftModel": ".tuner.model",
-    "BoftTargetError": ".tuner.errors",
-    "BoftSaveError": ".tuner.errors",
-    "BoftCheckpointError": ".tuner.errors",
-    "BoftNumericsError": ".tuner.errors",
-    "ShardingOrderError": ".tuner.errors",
-    "load_adapter": ".adapter_loading",
-    "read_adapter": ".adapter_loading",
+    "BoftError": ".errors",
+    "BoftTargetError": ".errors",
+    "BoftSaveError": ".errors",
+    "BoftCheckpointError": ".errors",
+    "BoftNumericsError": ".errors",
+    "BoftExportError": ".errors",
+    "ShardingOrderError": ".errors",
+    "RecipeError": ".errors",
+    "load_adapter": ".export.loading",
+    "read_adapter": ".export.loading",
     "export_adapter": ".export",
     "export_merged": ".export",
+    "stock_peft_boft": ".stock_peft",
 }
 
 __all__ = ["__version__", *_LAZY]

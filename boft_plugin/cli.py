@@ -21,14 +21,14 @@ from collections.abc import Sequence
 
 
 def _train(task: str, argv: list[str]) -> int:
-    from .recipes.errors import RecipeError
+    from .errors import RecipeError
     from .recipes.parsing import make_parser, parse_recipe
 
     if any(flag in argv for flag in ("-h", "--help")):
         make_parser(task).print_help()
         return 0
     if os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node, before anything can wait on a lock
-        from .extension_locks import warn_about_stale_extension_locks
+        from .runtime.extension_locks import warn_about_stale_extension_locks
 
         warn_about_stale_extension_locks()
     try:
@@ -40,7 +40,7 @@ def _train(task: str, argv: list[str]) -> int:
     except RecipeError as err:
         print(f"boft-plugin {task}: error: {err}", file=sys.stderr)
         code = 2
-    from .process_exit import exit_after_distributed_run, launched_distributed
+    from .runtime.process_exit import exit_after_distributed_run, launched_distributed
 
     if launched_distributed():  # gloo threads outlive destroy_process_group (torch 2.13): no teardown under them
         exit_after_distributed_run(code)
@@ -49,7 +49,7 @@ def _train(task: str, argv: list[str]) -> int:
 
 def _verify(argv: list[str]) -> int:
     """Reload runs' adapters with stock PEFT (and merged/ with transformers) in this process and compare logits."""
-    from .recipes.verify import DEFAULT_TOLERANCE, VerifyError, check_report, verify_outputs
+    from .export.verify import DEFAULT_TOLERANCE, VerifyError, verify_outputs
 
     parser = argparse.ArgumentParser(prog="boft-plugin verify", description=_verify.__doc__)
     parser.add_argument("output_dirs", nargs="+", help="runs' output_dir (adapter files and probe_logits.pt)")
@@ -70,14 +70,12 @@ def _verify(argv: list[str]) -> int:
         except VerifyError as err:
             print(f"boft-plugin verify: error: {err}", file=sys.stderr)
             return 2
-        problems = check_report(report, args.tolerance)
-        report["ok"] = not problems
-        report["problems"] = problems
-        failed |= bool(problems)
+        result = report.as_dict(args.tolerance)
+        failed |= not result["ok"]
         if args.json:
-            print(json.dumps(report), flush=True)
+            print(json.dumps(result), flush=True)
         else:
-            print("\n".join(f"{key}: {value}" for key, value in report.items()), flush=True)
+            print("\n".join(f"{key}: {value}" for key, value in result.items()), flush=True)
     return 1 if failed else 0
 
 
@@ -111,7 +109,7 @@ def _convert(argv: list[str]) -> int:
 
 
 def _demo(argv: list[str]) -> int:
-    from .main_job import main as main_job
+    from .demo.main_job import main as main_job
 
     return main_job(argv)
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .registry import _mapping
+from .tuner.registry import _mapping
 
 
 def _block_diag_per_factor(blocks: torch.Tensor) -> torch.Tensor:

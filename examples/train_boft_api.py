@@ -16,10 +16,10 @@ import torch
 from peft import get_peft_model
 
 import boft_plugin
+from boft_plugin.export.verify import check_report, verify_in_fresh_process
 from boft_plugin.recipes import build, parse_recipe
 from boft_plugin.recipes.outputs import write_probe
-from boft_plugin.recipes.verify import check_report, verify_in_fresh_process
-from boft_plugin.synthetic_tasks import sft_examples
+from boft_plugin.toy.tasks import sft_examples
 
 
 def main() -> int:

@@ -10,31 +10,42 @@ PACKAGE = Path(__file__).resolve().parents[1] / "boft_plugin"
 
 # Lower layers never import higher ones (imports inside functions count too).
 LAYERS = {
+    "errors": 0,
     "ops": 0,
-    "atomic": 0,
-    "launchers": 0,
-    "tiny_models": 0,
-    "process_memory": 0,
-    "extension_locks": 0,
-    "process_exit": 0,
-    "smollm2": 0,
+    "runtime": 0,
     "tuner": 1,
-    "synthetic_tasks": 1,
-    "demo_task": 1,
-    "registry": 2,
+    "toy": 1,
     "distributed": 2,
     "stock_peft": 3,
     "export": 3,
-    "adapter_loading": 3,
-    "single_factor": 3,
     "recipes": 4,
-    "main_job": 5,
+    "demo": 5,
     "cli": 5,
     "__main__": 5,
     "__init__": 5,
     "testing": 6,
 }
-MAX_LINES = 360  # "about 350"
+# Inside recipes/: the order a recipe is resolved in (keys, data and files; its sources; its checks; the plan; the
+# builder and the trainers; the run). A module imports only modules of a lower rank.
+RECIPE_LAYERS = {
+    "args": 0,
+    "checkpoints": 0,
+    "data": 0,
+    "data_order": 0,
+    "dpo_reference": 0,
+    "engine_choice": 0,
+    "hub": 0,
+    "output_guard": 0,
+    "outputs": 0,
+    "parsing": 1,
+    "model_source": 1,
+    "geometry_check": 2,
+    "plan": 3,
+    "builder": 4,
+    "callbacks": 1,
+    "trainers": 4,
+    "train": 5,
+}
 
 
 def _module_name(path: Path) -> str:
@@ -110,8 +121,32 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return [c for c in found if not all(a.startswith(c[0]) or c[0].startswith(a) for a in c)]
 
 
-def test_every_module_has_a_layer():
-    assert {_top(name) for name in import_graph()} <= set(LAYERS)
+def test_every_module_has_a_layer_and_every_layer_entry_exists():
+    graph = import_graph()
+    assert {_top(name) for name in graph} <= set(LAYERS)
+    assert {key for key in LAYERS if key != "__init__" and not _exists(f"boft_plugin.{key}")} == set()  # no stale entry
+    recipes = {_recipe_top(name) for name in graph if name.startswith("boft_plugin.recipes.")}
+    assert recipes == set(RECIPE_LAYERS)  # every recipes module ranked, no stale rank
+
+
+def _recipe_top(module: str) -> str:
+    return module.split(".")[2]
+
+
+def recipe_order_violations(graph: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for importer, targets in graph.items():
+        if not importer.startswith("boft_plugin.recipes."):
+            continue
+        for target in targets:
+            inside = target.startswith("boft_plugin.recipes.") and _recipe_top(target) != _recipe_top(importer)
+            if inside and RECIPE_LAYERS[_recipe_top(target)] >= RECIPE_LAYERS[_recipe_top(importer)]:
+                bad.append(f"{importer} -> {target}")
+    return sorted(bad)
+
+
+def test_recipes_modules_import_downwards_only():
+    assert recipe_order_violations(import_graph()) == []
 
 
 def test_no_import_circles():
@@ -128,17 +163,10 @@ def test_runtime_never_imports_the_test_support():
     assert offenders == []
 
 
-def test_no_module_past_the_size_of_one_job():
-    long = {
-        str(p.relative_to(PACKAGE)): n
-        for p in PACKAGE.rglob("*.py")
-        if (n := len(p.read_text().splitlines())) > MAX_LINES
-    }
-    assert long == {}
-
-
 def test_the_checker_sees_a_violation():
     graph = {"boft_plugin.ops.butterfly": {"boft_plugin.tuner.layer"}, "boft_plugin.tuner.layer": set()}
     assert layering_violations(graph) == ["boft_plugin.ops.butterfly -> boft_plugin.tuner.layer"]
     circle = {"boft_plugin.a.x": {"boft_plugin.b.y"}, "boft_plugin.b.y": {"boft_plugin.a.x"}}
     assert cycles(circle)
+    upward = {"boft_plugin.recipes.plan": {"boft_plugin.recipes.trainers"}}
+    assert recipe_order_violations(upward) == ["boft_plugin.recipes.plan -> boft_plugin.recipes.trainers"]

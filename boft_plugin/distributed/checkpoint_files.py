@@ -32,21 +32,42 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 
+def _shard_file(root: Path, name: object, index: Path) -> str:
+    """An index's shard name as a path inside ``root``; refuses names that would leave the checkpoint directory."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or name != os.path.basename(name)
+        or name in (".", "..")
+        or "\\" in name
+        or os.path.isabs(name)
+    ):
+        raise ValueError(
+            f"{index}: shard name {name!r} is not a plain file name in {root}; the index of a checkpoint names files"
+            " next to it only"
+        )
+    return str(root / name)
+
+
 class CheckpointIndex:
-    """``{checkpoint key: file}`` of a safetensors checkpoint directory (sharded with an index, or one file)."""
+    """``{checkpoint key: file}`` of a safetensors checkpoint directory (sharded with an index, or one file).
+
+    Read in the order transformers' ``from_pretrained`` reads it: a single ``model.safetensors`` wins over an index,
+    so that every loader sees the same model in a directory that holds both (another tool's re-export).
+    """
 
     def __init__(self, checkpoint_dir: str | os.PathLike):
         self.root = Path(checkpoint_dir)
         index = self.root / SAFE_WEIGHTS_INDEX_NAME
         single = self.root / SAFE_WEIGHTS_NAME
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.key_to_file = {key: str(self.root / name) for key, name in weight_map.items()}
-        elif single.is_file():
+        if single.is_file():
             from safetensors import safe_open
 
             with safe_open(str(single), framework="pt") as handle:
                 self.key_to_file = dict.fromkeys(handle.keys(), str(single))
+        elif index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.key_to_file = {key: _shard_file(self.root, name, index) for key, name in weight_map.items()}
         else:
             raise FileNotFoundError(
                 f"{self.root} holds neither {SAFE_WEIGHTS_INDEX_NAME} nor {SAFE_WEIGHTS_NAME} (only safetensors "

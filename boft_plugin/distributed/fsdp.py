@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..tuner.errors import ShardingOrderError
+from ..errors import ShardingOrderError
 from ..tuner.layer import BoftLayer
 from ..tuner.model import is_fsdp2_sharded
 

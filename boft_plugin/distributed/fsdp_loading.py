@@ -47,7 +47,7 @@ def _local_index(tensor: Tensor) -> tuple[tuple[slice, ...], Tensor]:
     from torch.distributed.tensor import DTensor
 
     if isinstance(tensor, DTensor):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        from ..runtime.upstream import compute_local_shape_and_global_offset
 
         shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
         return tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True)), tensor.to_local()

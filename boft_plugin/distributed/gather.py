@@ -6,35 +6,11 @@ tensors in the same order.
 
 from __future__ import annotations
 
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..tuner.state_dict import is_partitioned
 
-__all__ = [
-    "barrier",
-    "full_tensor",
-    "is_partitioned",
-    "gather_objects",
-    "raise_on_every_rank",
-    "rank",
-    "settle_zero3",
-    "unwrap_peft_model",
-    "world_size",
-]
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+__all__ = ["full_tensor", "is_partitioned", "settle_zero3", "unwrap_peft_model"]
 
 
 def _is_dtensor(tensor: Tensor) -> bool:
@@ -93,23 +69,3 @@ def settle_zero3(model: nn.Module) -> None:
     """Wait for ZeRO-3 parameters a DeepSpeed engine still has in flight (prefetched) before gathering."""
     if hasattr(model, "empty_partition_cache"):
         model.empty_partition_cache()
-
-
-def raise_on_every_rank(error: BaseException | None) -> None:
-    """Collective: every rank raises rank 0's ``error`` (if any), so that a failed write on rank 0 stops all ranks
-    alike instead of leaving them waiting in the next collective."""
-    if dist.is_available() and dist.is_initialized():
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        raise error
-
-
-def gather_objects(value) -> list:
-    """Collective: every rank's ``value`` (picklable), in rank order, on every rank (``[value]`` alone)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values

@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..runtime.ranks import rank
 from ..tuner.layer import BoftLayer
-from .gather import rank
 
 __all__ = ["ShardInfo", "adapter_shards", "format_shards", "optimizer_state_bytes"]
 

@@ -1,7 +1,9 @@
 """Gathered, streaming export of a merged plain transformers model (the active BOFT adapters folded into the weights).
 
-Collective: every rank calls :func:`export_merged`; base weights are gathered one tensor at a time and only global
-rank 0 writes them, streamed into size-capped safetensors shards, atomically (see :mod:`boft_plugin.atomic`).
+Collective: every rank calls :func:`export_merged`. Rank 0 opens its staging directory and plans the shards first,
+and every rank agrees it could before anything is gathered; base weights are then gathered one tensor at a time and
+only global rank 0 writes them, streamed into size-capped safetensors shards, and publishes them (:mod:`.publish`:
+a directory holding only an earlier merged export is replaced whole); every rank raises if any of it failed.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..atomic import atomic_directory
-from ..distributed.gather import full_tensor, raise_on_every_rank, rank, settle_zero3, unwrap_peft_model
+from ..distributed.gather import full_tensor, settle_zero3, unwrap_peft_model
+from ..runtime.ranks import raise_if_any_rank_failed, rank
 from ..tuner.layer import BoftLayer, merge_matrix
+from .publish import MODEL_WEIGHTS, publish_export
 from .safetensors_stream import (
     DEFAULT_MAX_SHARD_SIZE,
     ShardWriter,
@@ -106,32 +109,37 @@ def export_merged(
     parameters = sum(math.prod(entry.shape) for entry, tensor, _ in order if isinstance(tensor, nn.Parameter))
 
     writer_rank = rank() == 0
-    failure: BaseException | None = None
-    try:
-        with atomic_directory(output_dir) if writer_rank else contextlib.nullcontext() as staging:
-            writer = ShardWriter(staging, plan) if writer_rank else None
-            with torch.no_grad():
-                for entry, tensor, layer in order:
-                    value = full_tensor(tensor, prefer_fp32_master=False)  # collective: every rank, every tensor
-                    if layer is not None:
-                        value = _merged_weight(layer, value)
-                    if writer is not None and failure is None:
-                        try:
-                            writer.write(entry, value)
-                        except Exception as err:  # noqa: BLE001 - keep gathering with the others, raise after
-                            failure = err
-                    del value
-            if writer is not None:
+    with contextlib.ExitStack() as stack:
+        writer, failure = None, None
+        if writer_rank:  # pre-flight: staging directory on the target's filesystem, writable, before any gather
+            try:
+                staging = stack.enter_context(publish_export(output_dir, "merged", MODEL_WEIGHTS))
+                writer = ShardWriter(staging, plan)
+            except Exception as err:  # noqa: BLE001 - agreed on by every rank below, so none hangs
+                failure = err
+        raise_if_any_rank_failed(failure)
+        with torch.no_grad():
+            for entry, tensor, layer in order:
+                value = full_tensor(tensor, prefer_fp32_master=False)  # collective: every rank, every tensor
+                if layer is not None:
+                    value = _merged_weight(layer, value)
+                if writer is not None and failure is None:
+                    try:
+                        writer.write(entry, value)
+                    except Exception as err:  # noqa: BLE001 - keep gathering with the others, raise after
+                        failure = err
+                del value
+        if writer is not None:
+            try:
                 writer.close(require_complete=failure is None)
-                if failure is None:
-                    _finish(staging, plan, parameters, base_model, extra_files)
-            if failure is not None:
-                raise failure  # out of atomic_directory by an exception: nothing is published
-    except Exception as err:  # noqa: BLE001
-        if not writer_rank:
-            raise  # a collective failed: every rank sees it
-        failure = err
-    raise_on_every_rank(failure)
+                if failure is not None:
+                    raise failure
+                _finish(staging, plan, parameters, base_model, extra_files)
+                stack.close()  # publish
+            except Exception as err:  # noqa: BLE001 - nothing is published; every rank raises below
+                failure = err
+                stack.__exit__(type(err), err, err.__traceback__)
+    raise_if_any_rank_failed(failure)
     return Path(output_dir) if writer_rank else None
 
 

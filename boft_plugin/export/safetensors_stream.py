@@ -93,7 +93,7 @@ class ShardPlan:
 
 def plan_shards(entries: list[TensorEntry], max_shard_size: int | str) -> ShardPlan:
     """Greedy split in model order, exactly as ``huggingface_hub.split_torch_state_dict_into_shards``."""
-    from huggingface_hub.serialization._base import parse_size_to_int
+    from ..runtime.upstream import parse_size_to_int
 
     limit = parse_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     shards: list[list[TensorEntry]] = []

@@ -15,13 +15,31 @@ import os
 import shutil
 from pathlib import Path
 
-from ..atomic import atomic_directory
 from ..ops.single_factor import DEFAULT_ATOL, DEFAULT_MIN_DIST, BlockCheck, SingleFactorError, single_factor_blocks
+from .publish import ADAPTER_WEIGHTS, owns_directory, publish_export
 
 __all__ = ["SingleFactorError", "convert_to_single_factor", "write_single_factor"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# what travels with a converted adapter besides its own two files: the model card and a tokenizer. Anything else in
+# the source (a run's checkpoints, merged/, probes, logs) stays where it is.
+COPIED_WITH_ADAPTER = frozenset(
+    {
+        "README.md",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "tokenizer.model",
+        "spiece.model",
+        "chat_template.jinja",
+        "chat_template.json",
+    }
+)
 
 
 def _single_factor_config(config: dict, factors: int, block_sizes: set[int], block_nums: set[int]) -> dict:
@@ -90,9 +108,15 @@ def write_single_factor(
             round_trip_f64=max(c.round_trip_f64 for c in checks),
             round_trip_f32=max(c.round_trip_f32 for c in checks),
         )
-    for entry in source.iterdir():
-        if entry.name not in (CONFIG_NAME, WEIGHTS_NAME) and not entry.name.startswith("."):
-            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, destination / entry.name)
+    copied, skipped = [], []
+    for entry in sorted(source.iterdir()):
+        if entry.name in (CONFIG_NAME, WEIGHTS_NAME):
+            continue
+        if entry.name in COPIED_WITH_ADAPTER and entry.is_file() and not entry.is_symlink():
+            shutil.copyfile(entry, destination / entry.name)
+            copied.append(entry.name)
+        else:
+            skipped.append(entry.name)
     save_file(converted, str(destination / WEIGHTS_NAME), metadata=metadata)
     (destination / CONFIG_NAME).write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
     return {
@@ -102,6 +126,8 @@ def write_single_factor(
         "worst": None if worst is None else vars(worst),
         "values_before": sum(tensors[k].numel() for k in r_keys),
         "values_after": sum(converted[k].numel() for k in r_keys),
+        "copied": copied,
+        "not_copied": skipped,
     }
 
 
@@ -114,15 +140,28 @@ def convert_to_single_factor(
 ) -> dict:
     """Convert the adapter directory ``source`` (ours or stock PEFT's) into its single-factor form in ``target``.
 
-    Atomic: ``target`` gets every file or none (files already there that the adapter does not write are kept).
-    Refuses an existing, non-empty ``target`` unless ``overwrite``, and converting in place.
+    Copies only the adapter, its model card and a tokenizer (:data:`COPIED_WITH_ADAPTER`; the summary lists what was
+    left), and refuses symbolic links among them. Published as :mod:`.publish` says: a ``target`` holding only an
+    earlier conversion is replaced whole; any other existing, non-empty ``target`` is refused unless ``overwrite``
+    (then the adapter's files replace theirs and the rest is kept). Converting in place is refused.
     """
     source, target = Path(source), Path(target)
     if not (source / CONFIG_NAME).is_file() or not (source / WEIGHTS_NAME).is_file():
         raise SingleFactorError(f"{source}: not an adapter directory ({CONFIG_NAME} and {WEIGHTS_NAME} expected)")
+    links = [
+        e.name
+        for e in source.iterdir()
+        if e.is_symlink() and e.name in COPIED_WITH_ADAPTER | {CONFIG_NAME, WEIGHTS_NAME}
+    ]
+    if links:
+        raise SingleFactorError(
+            f"{source}: {', '.join(sorted(links))} is a symbolic link; convert from a directory of regular files "
+            "(copy the files the links point to first)"
+        )
     if target.exists() and source.resolve() == target.resolve():
         raise SingleFactorError(f"{target}: convert into another directory, the source adapter is kept as it is")
-    if target.exists() and any(target.iterdir()) and not overwrite:
+    owned = owns_directory(target, "single_factor_adapter")
+    if not owned and not overwrite:
         raise SingleFactorError(f"{target} exists and is not empty; choose a new directory or pass overwrite")
-    with atomic_directory(target) as staging:
+    with publish_export(target, "single_factor_adapter", ADAPTER_WEIGHTS) as staging:
         return write_single_factor(source, staging, atol=atol, min_dist=min_dist)

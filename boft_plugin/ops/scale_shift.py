@@ -32,13 +32,11 @@ import math
 import torch
 from torch import Tensor
 
+from ..errors import NonFiniteScaleError
+
 SMALL_SCALE = 0.5  # |s| below this: keep the exact r columns for d s (recovery error <= ~(1 + 1/|s|) roundings)
 
 __all__ = ["NonFiniteScaleError", "SMALL_SCALE", "scale_shift"]
-
-
-class NonFiniteScaleError(FloatingPointError):
-    """``boft_s`` holds NaN/Inf."""
 
 
 def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import SingleFactorError
 from .butterfly import cayley, compose_effective_blocks
 
 __all__ = [
@@ -57,10 +58,6 @@ DEFAULT_ATOL = 1e-6  # max |PEFT's float32 Cayley(S) - Q| over a block's entries
 # which is not a property to rely on for a file. 0.05 = a rotation angle of ~177.1 degrees in some plane.
 DEFAULT_MIN_DIST = 0.05
 ROUND_TRIP_ATOL_F64 = 1e-10  # float64 Cayley(S) vs Q: a sanity check of the preimage itself
-
-
-class SingleFactorError(ValueError):
-    """An adapter cannot be written in single-factor form within tolerance; nothing was written."""
 
 
 def composed_blocks(boft_r: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from importlib import import_module
 from typing import Any
 
 _LAZY = {
-    "RecipeError": ".errors",
+    "RecipeError": "..errors",
     "BoftArguments": ".args",
     "RecipeOptions": ".args",
     "Recipe": ".parsing",
@@ -30,7 +30,8 @@ _LAZY = {
     "Built": ".builder",
     "build": ".builder",
     "check_geometry": ".geometry_check",
-    "prepare": ".train",
+    "prepare": ".plan",
+    "RunPlan": ".plan",
     "make_trainer": ".train",
     "run": ".train",
     "sync_reference_adapter": ".dpo_reference",

@@ -12,10 +12,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import RecipeError
+from ..errors import RecipeError
 
 BIAS_CHOICES = ("none", "all", "boft_only")
 DEFAULT_BLOCK_SIZE = 4  # PEFT's BOFTConfig default
+HUB_PARTS = ("adapter", "tokenizer", "single_factor", "merged", "probe", "summary")  # recipes.hub.HUB_PATTERNS
 
 
 def _bad(key: str, problem: str, value: Any) -> RecipeError:
@@ -88,26 +89,15 @@ class BoftArguments:
         from ..tuner.geometry import GeometryError, check_block_config
 
         size, num, m = self.boft_block_size, self.boft_block_num, self.boft_n_butterfly_factor
-        for key, value in (("boft_block_size", size), ("boft_block_num", num)):
-            if value is not None and (not _is_int(value) or value < 0):
-                raise _bad(key, "must be a non-negative integer", value)
-        if size and num:
-            raise RecipeError(
-                f"recipe keys 'boft_block_size' and 'boft_block_num': set only one of them "
-                f"(got boft_block_size={size}, boft_block_num={num})"
-            )
-        if not size and not num:
-            if size == 0 or num == 0:
-                raise RecipeError(
-                    "recipe keys 'boft_block_size' / 'boft_block_num': one of them must be positive "
-                    f"(got boft_block_size={size}, boft_block_num={num})"
-                )
+        if size is None and num is None:  # neither key given: PEFT's default block size
             size = DEFAULT_BLOCK_SIZE
-        self.boft_block_size, self.boft_block_num = (size or 0), (num or 0)
-        try:  # the width-independent rules, decided by the tuner's geometry (the widths are checked later)
+        self.boft_block_size = 0 if size is None else size
+        self.boft_block_num = 0 if num is None else num
+        try:  # the width-independent rules, decided by the tuner's geometry alone (widths are checked on the model)
             check_block_config(self.boft_block_size, self.boft_block_num, m)
         except GeometryError as err:
-            raise RecipeError(f"recipe key '{err.key or 'boft_block_size'}': {err.reason}") from None
+            keys = f"key '{err.key}'" if err.key else "keys 'boft_block_size' / 'boft_block_num'"
+            raise RecipeError(f"recipe {keys}: {err.reason}") from None
         if not isinstance(self.boft_dropout, int | float) or not 0.0 <= self.boft_dropout < 1.0:
             raise _bad("boft_dropout", "must be a number in [0, 1)", self.boft_dropout)
         if self.boft_bias not in BIAS_CHOICES:
@@ -159,7 +149,7 @@ class RecipeOptions:
     tiny_model: bool = field(
         default=False,
         metadata={
-            "help": "Build a tiny random Llama (boft_plugin.tiny_models.tiny_llama_config) instead of loading "
+            "help": "Build a tiny random Llama (boft_plugin.toy.models.tiny_llama_config) instead of loading "
             "model_name_or_path; model_config entries override its fields. For tests and demos."
         },
     )
@@ -177,7 +167,7 @@ class RecipeOptions:
         default=None,
         metadata={
             "help": "Tokenizer to load (default: the model's; the init adapter's directory if it has one; the "
-            "local character tokenizer boft_plugin.tiny_models.char_tokenizer for config-built models)."
+            "local character tokenizer boft_plugin.toy.models.char_tokenizer for config-built models)."
         },
     )
     init_adapter: str | None = field(
@@ -232,7 +222,25 @@ class RecipeOptions:
         default=False,
         metadata={
             "help": "Allow writing into an output_dir that holds an adapter or model this run did not write (another "
-            "PEFT type, base model or BOFT geometry). Without it such a run is refused before anything is written."
+            "PEFT type, base model or BOFT geometry), or checkpoint-N directories the Trainer would write over (it "
+            "then writes its checkpoints over same-named ones; nothing is deleted). Without it such a run is refused "
+            "before anything is written."
+        },
+    )
+    trust_checkpoint: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint that boft-plugin did not write for this user (no completion marker "
+            "signed with this user's key) although resuming it unpickles files (DeepSpeed's engine state, "
+            "torch.distributed.checkpoint metadata), which runs any code they contain. Only for checkpoints whose "
+            "origin you trust."
+        },
+    )
+    hub_upload: list[str] = field(
+        default_factory=lambda: ["adapter", "tokenizer"],
+        metadata={
+            "help": "With push_to_hub: what the end-of-run upload holds, from adapter, tokenizer, single_factor, "
+            "merged, probe, summary (the model card README.md always goes). Checkpoints follow hub_strategy."
         },
     )
 
@@ -261,6 +269,13 @@ class RecipeOptions:
             raise RecipeError(
                 "recipe key 'model_config': needs a 'model_type' entry (e.g. llama) unless tiny_model is true "
                 f"(got keys {sorted(self.model_config)})"
+            )
+        if isinstance(self.hub_upload, str):
+            self.hub_upload = [self.hub_upload]
+        unknown = sorted(set(self.hub_upload) - set(HUB_PARTS))
+        if unknown:
+            raise _bad(
+                "hub_upload", f"holds unknown part(s) {unknown}; choose from {', '.join(HUB_PARTS)}", self.hub_upload
             )
         if self.data_order_tail not in ("drop", "pad"):
             raise _bad("data_order_tail", "must be 'drop' or 'pad'", self.data_order_tail)

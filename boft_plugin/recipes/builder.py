@@ -6,13 +6,19 @@ Validation that needs no weights runs first (``train.prepare``: data, model sour
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import RecipeError
-from .model_source import load_tokenizer, model_config_of, model_source, write_config_model
+from ..errors import RecipeError
+from ..runtime.ranks import log
+from .model_source import write_config_model
+
+if TYPE_CHECKING:
+    from .parsing import Recipe
+    from .plan import RunPlan
 
 
 @dataclass
@@ -46,60 +52,45 @@ def _model_init_kwargs(recipe) -> dict:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def is_zero3(training) -> bool:
-    plugin = getattr(training, "deepspeed_plugin", None)
-    if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
-        return True
-    from transformers.integrations import is_deepspeed_zero3_enabled
+def build(plan: RunPlan | Recipe) -> Built:
+    """Build the plan's model for this rank (registers boft_plugin's tuner with PEFT first).
 
-    return is_deepspeed_zero3_enabled()
-
-
-def build(recipe, tokenizer=None) -> Built:
-    """Build the recipe's model, tokenizer and PEFT config (registers boft_plugin's tuner with PEFT first).
-
-    Call on every rank. Validation that needs no weights should have run already (see
-    :func:`boft_plugin.recipes.train.prepare`); the tuner checks its targets again when it adapts the model.
-    No rank ever holds the whole base model when the sharding engine can avoid it: under FSDP2 pre-sharding and
-    DeepSpeed ZeRO-3, a local safetensors checkpoint is read slice by slice into each rank's shards
-    (``distributed.fsdp_loading``, ``distributed.zero3_loading``).
+    Call on every rank, with the :class:`~boft_plugin.recipes.plan.RunPlan` of ``prepare(recipe)`` (a recipe is
+    prepared first). The tuner checks its targets again when it adapts the model. No rank ever holds the whole base
+    model when the sharding engine can avoid it: under FSDP2 pre-sharding and DeepSpeed ZeRO-3, a local safetensors
+    checkpoint is read slice by slice into each rank's shards (``distributed.fsdp_loading``,
+    ``distributed.zero3_loading``).
     """
-    from ..distributed.gather import barrier, rank
-    from ..registry import register
+    from ..runtime.ranks import barrier, rank
+    from ..tuner.registry import register
+    from .plan import RunPlan, prepare
 
+    if not isinstance(plan, RunPlan):
+        plan = prepare(plan)
     register()
-    source = model_source(recipe)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe, source)
+    recipe, source, tokenizer = plan.recipe, plan.source, plan.tokenizer
     if source.kind == "config":
         if rank() == 0:
             write_config_model(recipe, source, tokenizer)
         barrier()
     options = recipe.options
-    if options.fsdp2_pre_shard and has_safetensors(source.path):
-        model = _build_fsdp2_from_shards(recipe, source.path)
+    if plan.engine == "fsdp2" and options.fsdp2_pre_shard and has_safetensors(source.path):
+        model = _build_fsdp2_from_shards(plan)
         return Built(model=model, tokenizer=tokenizer, peft_config=None, base_model_path=source.path)
 
-    model = _load_base_model(recipe, source.path)
+    model = _load_base_model(plan)
     if options.init_adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(
-            model, options.init_adapter, is_trainable=True, autocast_adapter_dtype=not is_zero3(recipe.training)
+            model, options.init_adapter, is_trainable=True, autocast_adapter_dtype=plan.engine != "zero3"
         )
         peft_config = None
     else:
-        peft_config = recipe.boft.to_peft_config()
+        peft_config = plan.peft_config
     if options.fsdp2_pre_shard:  # a hub model: loaded whole, then sharded
         model, peft_config = _shard_for_fsdp2(recipe, model, peft_config), None
     return Built(model=model, tokenizer=tokenizer, peft_config=peft_config, base_model_path=source.path)
-
-
-def _log(message: str) -> None:
-    from ..distributed.gather import rank
-
-    # one write per line: with PYTHONUNBUFFERED print writes the text and the newline separately, and the
-    # ranks share one output stream, so their lines would run into each other
-    print(f"[boft-plugin] rank {rank()}: {message}\n", end="", flush=True)
 
 
 def has_safetensors(path: str) -> bool:
@@ -118,7 +109,7 @@ def _torch_dtype(recipe, model_config):
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def _empty_model(recipe, path: str, device: str | None = None):
+def _empty_model(plan: RunPlan, device: str | None = None):
     """The model of ``path``'s config without loading weights (on ``device``, or under ZeRO-3's ``zero.Init``)."""
     import contextlib
 
@@ -126,7 +117,7 @@ def _empty_model(recipe, path: str, device: str | None = None):
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    config = model_config_of(recipe, model_source(recipe))
+    recipe, config, path = plan.recipe, plan.model_config, plan.source.path
     kwargs = {"dtype": _torch_dtype(recipe, config)}
     attention = _model_init_kwargs(recipe).get("attn_implementation")
     if attention:
@@ -139,26 +130,31 @@ def _empty_model(recipe, path: str, device: str | None = None):
     return model
 
 
-def _load_base_model(recipe, path: str):
+def _load_base_model(plan: RunPlan):
     """``from_pretrained``, or under ZeRO-3 an empty partitioned model filled partition by partition."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    if is_zero3(recipe.training) and has_safetensors(path):
+    recipe, path = plan.recipe, plan.source.path
+    if plan.engine == "zero3" and has_safetensors(path):
         from ..distributed.zero3_loading import empty_zero3_model, load_zero3_partitions
         from .model_source import causal_lm_class
 
-        config = model_config_of(recipe, model_source(recipe))
+        config = plan.model_config
         model = empty_zero3_model(causal_lm_class(config), config, _torch_dtype(recipe, config))
         if model is None:
-            model = _empty_model(recipe, path)  # transformers builds it under zero.Init: already partitioned
+            model = _empty_model(plan)  # transformers builds it under zero.Init: already partitioned
         model.name_or_path = model.config._name_or_path = path
         report = load_zero3_partitions(model, path)
         if report is None:
-            _log(f"ZeRO-3: {path} needs transformers' key conversions; loading it with from_pretrained under zero.Init")
+            log(
+                f"ZeRO-3: {path} needs transformers' key conversions; loading it with from_pretrained under zero.Init",
+                every_rank=True,
+            )
         else:
-            _log(
+            log(
                 f"ZeRO-3: {report['tensors']} tensors read partition by partition from {path} "
-                f"({report['local_gib']:.2f} GiB on this rank, {report['seconds']:.1f} s)"
+                f"({report['local_gib']:.2f} GiB on this rank, {report['seconds']:.1f} s)",
+                every_rank=True,
             )
             if os.path.isfile(os.path.join(path, "generation_config.json")):
                 model.generation_config = GenerationConfig.from_pretrained(path)
@@ -169,28 +165,29 @@ def _load_base_model(recipe, path: str):
         raise RecipeError(f"cannot load the model from {path!r}: {err}") from err
 
 
-def _build_fsdp2_from_shards(recipe, path: str):
+def _build_fsdp2_from_shards(plan: RunPlan):
     """FSDP2 pre-sharding without a full copy anywhere: meta model -> adapter(s) -> shard -> each rank's slices."""
     from peft import get_peft_model
 
     from ..distributed.fsdp_loading import copy_adapter_shards, load_adapter_shards, load_sharded_base_weights
     from .dpo_reference import REFERENCE_ADAPTER
-    from .model_source import adapter_peft_config
 
-    model = _empty_model(recipe, path, device="meta")
-    peft_config = adapter_peft_config(recipe)
+    recipe, path = plan.recipe, plan.source.path
+    model = _empty_model(plan, device="meta")
+    peft_config = copy.copy(plan.peft_config)
     peft_config.inference_mode = False  # an init_adapter's saved config says inference
     model = get_peft_model(model, peft_config)
     if recipe.task == "dpo":  # TRL adds a "ref" adapter to any PeftModel it is given; FSDP2 needs it now
         model.add_adapter(REFERENCE_ADAPTER, model.peft_config["default"])
     model = _shard_for_fsdp2(recipe, model, None)
     report = load_sharded_base_weights(model, path)  # also initialises the adapters as their config says
-    _log(
+    log(
         f"FSDP2: {len(report.loaded)} tensors read shard by shard from {path} "
-        f"({report.local_bytes / 2**30:.2f} GiB on this rank, {report.seconds:.1f} s)"
+        f"({report.local_bytes / 2**30:.2f} GiB on this rank, {report.seconds:.1f} s)",
+        every_rank=True,
     )
     if recipe.options.init_adapter:
-        from ..adapter_loading import read_adapter
+        from ..export.loading import read_adapter
 
         load_adapter_shards(model, read_adapter(recipe.options.init_adapter).tensors)
     if recipe.task == "dpo":

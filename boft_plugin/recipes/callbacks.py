@@ -1,38 +1,8 @@
-"""Trainer callbacks the recipes install: complete checkpoints, memory in the logs, DPO's exact reference."""
+"""Trainer callbacks the recipes install: memory in the logs and returned to the OS, DPO's exact reference."""
 
 from __future__ import annotations
 
-import os
-import time
-from pathlib import Path
-
 from transformers import TrainerCallback
-
-from ..distributed.gather import barrier, rank
-from .checkpoints import rotate, write_marker
-
-
-class CompleteCheckpoints(TrainerCallback):
-    """After each save: wait for all ranks, mark the checkpoint complete, then rotate (rank 0).
-
-    ``keep`` is the run's ``save_total_limit``; the Trainer's own rotation is switched off by the trainer mixin so
-    that only complete checkpoints are ever counted or removed.
-    """
-
-    def __init__(self, keep: int | None):
-        self.keep = keep
-
-    def on_save(self, args, state, control, **kwargs):
-        barrier()
-        if rank() == 0:
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            delay = float(os.environ.get("BOFT_PLUGIN_COMMIT_DELAY_S", "0") or 0)
-            if delay:  # emulate a slow shared filesystem: widens the window a kill can hit (tests use it)
-                time.sleep(delay)
-            write_marker(checkpoint, state.global_step)
-            rotate(args.output_dir, self.keep)
-        barrier()
-        return control
 
 
 class LogMemory(TrainerCallback):
@@ -56,7 +26,7 @@ class ReleaseFreedMemory(TrainerCallback):
     """
 
     def on_step_end(self, args, state, control, **kwargs):
-        from ..process_memory import malloc_trim
+        from ..runtime.process_memory import malloc_trim
 
         malloc_trim()
         return control

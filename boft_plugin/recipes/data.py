@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .errors import RecipeError
+from ..errors import RecipeError
 
 BUILDERS = {
     ".json": "json",

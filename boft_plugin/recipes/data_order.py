@@ -148,7 +148,7 @@ def check_data_order(training, options, num_rows: int | None, task: str) -> None
     """Refuse, before anything is loaded, what the world-size-invariant order cannot honour (RecipeError)."""
     import warnings
 
-    from .errors import RecipeError
+    from ..errors import RecipeError
 
     strategy = getattr(training, "train_sampling_strategy", "random")
     if strategy not in ("random", "sequential"):

@@ -7,7 +7,7 @@ names and the one TRL-specific rule (no adapter on the output layer).
 
 from __future__ import annotations
 
-from .errors import RecipeError
+from ..errors import RecipeError
 from .model_source import causal_lm_class
 
 MAX_SHOWN = 8
@@ -28,7 +28,7 @@ def check_geometry(model_config, peft_config) -> int:
     checks again when it adapts); raises :class:`RecipeError` naming the recipe keys, the modules and their widths,
     with valid alternatives.
     """
-    from ..tuner.errors import BoftTargetError
+    from ..errors import BoftTargetError
     from ..tuner.targets import plan_targets, resolve_target_modules
 
     try:
@@ -62,17 +62,15 @@ def check_geometry(model_config, peft_config) -> int:
 
 
 def _refuse_output_layer(model, config) -> None:
-    from peft.tuners.boft.model import BOFTModel
+    from ..tuner.targets import is_targeted
 
     output_layer = model.get_output_embeddings()
     if output_layer is None:
         return
     for key, module in model.named_modules():
-        if module is output_layer:
-            matched = BOFTModel._check_target_module_exists(config, key)
-            if matched and type(matched).__name__ != "_ExcludedModule":
-                raise RecipeError(
-                    f"recipe key 'boft_target_modules' selects the output layer '{key}': TRL 1.16 computes "
-                    "log-probabilities from its weight directly, so an adapter there would never train; remove it "
-                    "(or train it in full with 'boft_modules_to_save')"
-                )
+        if module is output_layer and is_targeted(config, key):
+            raise RecipeError(
+                f"recipe key 'boft_target_modules' selects the output layer '{key}': TRL 1.16 computes "
+                "log-probabilities from its weight directly, so an adapter there would never train; remove it "
+                "(or train it in full with 'boft_modules_to_save')"
+            )

@@ -18,10 +18,9 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ..errors import RecipeError
+from ..export.layout import BASE_MODEL_DIR
 from .args import BoftArguments
-from .errors import RecipeError
-
-BASE_MODEL_DIR = "base_model"
 
 
 @dataclass
@@ -62,7 +61,7 @@ def model_source(recipe) -> ModelSource:
     if args.tiny_model or args.model_config:
         from transformers import AutoConfig
 
-        from ..tiny_models import tiny_llama_config
+        from ..toy.models import tiny_llama_config
 
         overrides = dict(args.model_config or {})
         try:
@@ -140,7 +139,7 @@ def load_tokenizer(recipe, source: ModelSource | None = None):
     ):
         candidates = [args.init_adapter]
     if not candidates and source.kind == "config":
-        from ..tiny_models import char_tokenizer
+        from ..toy.models import char_tokenizer
 
         return char_tokenizer()
     path = candidates[0] if candidates else source.path
@@ -173,7 +172,7 @@ def write_config_model(recipe, source: ModelSource, tokenizer) -> None:
     """Main process: build the seeded random model from its config and save it (and the tokenizer) atomically."""
     import torch
 
-    from ..atomic import atomic_directory
+    from ..runtime.atomic import atomic_directory
 
     seed = recipe.options.model_seed if recipe.options.model_seed is not None else recipe.training.seed
     torch.manual_seed(seed)
@@ -191,6 +190,7 @@ def model_from_config(model_config):
 def causal_lm_class(model_config):
     """The ``AutoModelForCausalLM`` class for ``model_config`` (no instance, no weights)."""
     from transformers import AutoModelForCausalLM
-    from transformers.models.auto.auto_factory import _get_model_class
 
-    return _get_model_class(model_config, AutoModelForCausalLM._model_mapping)
+    from ..runtime.upstream import model_class_for
+
+    return model_class_for(model_config, AutoModelForCausalLM)

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import RecipeError
+from ..errors import RecipeError
 
 _MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _GEOMETRY_KEYS = ("boft_block_size", "boft_block_num", "boft_n_butterfly_factor")

@@ -10,10 +10,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-MERGED_DIR = "merged"
-SINGLE_FACTOR_DIR = "single_factor"
-PROBE_FILE = "probe_logits.pt"
-SUMMARY_FILE = "boft_run_summary.json"
+from ..export.layout import MERGED_DIR, PROBE_FILE, SINGLE_FACTOR_DIR, SUMMARY_FILE
+
+__all__ = [
+    "MERGED_DIR",
+    "PROBE_FILE",
+    "SINGLE_FACTOR_DIR",
+    "SUMMARY_FILE",
+    "export_merged_model",
+    "summarize",
+    "write_probe",
+    "write_summary",
+]
 
 
 def export_merged_model(model, output_dir: str | os.PathLike, tokenizer=None) -> Path | None:
@@ -37,7 +45,8 @@ def write_probe(model, tokenizer, text: str, path: str | os.PathLike, device=Non
     """
     import torch
 
-    from ..distributed.gather import barrier, rank, unwrap_peft_model
+    from ..distributed.gather import unwrap_peft_model
+    from ..runtime.ranks import barrier, rank
 
     peft_model = unwrap_peft_model(model)
     ids = tokenizer(text, return_tensors="pt").input_ids
@@ -55,7 +64,7 @@ def write_probe(model, tokenizer, text: str, path: str | os.PathLike, device=Non
     finally:
         peft_model.train(was_training)
     if rank() == 0:
-        from ..atomic import atomic_file
+        from ..runtime.atomic import atomic_file
 
         probe = {"text": text, "input_ids": ids, "logits": raw.float().cpu(), "compute_dtype": str(raw.dtype)}
         with atomic_file(path) as staging:
@@ -96,10 +105,10 @@ def summarize(task: str, trainer, files: dict[str, Any], extra: dict | None = No
 
 
 def write_summary(summary: dict, output_dir: str | os.PathLike) -> Path | None:
-    from ..distributed.gather import rank
+    from ..runtime.ranks import rank
 
     if rank() != 0:
         return None
-    from ..atomic import atomic_write_text
+    from ..runtime.atomic import atomic_write_text
 
     return atomic_write_text(Path(output_dir) / SUMMARY_FILE, json.dumps(summary, indent=2, default=str))

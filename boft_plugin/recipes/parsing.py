@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..process_exit import launched_world_size
+from ..errors import RecipeError
+from ..runtime.process_exit import launched_world_size
 from .args import BoftArguments, RecipeOptions
-from .errors import RecipeError
 
 TASKS = ("sft", "dpo")
 

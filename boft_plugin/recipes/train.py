@@ -1,7 +1,14 @@
-"""Train a recipe: checks without weights, build, TRL's SFT/DPO trainer, then export on every rank.
+"""Train a recipe: the output directory locked, checks without weights, build, TRL's trainer, export on every rank.
 
 ``run(recipe)`` is what ``boft-plugin sft|dpo`` calls on each rank (under ``torch.distributed.run``, ``accelerate
-launch`` with any of ``integrations/accelerate/*.yaml``, or one process).
+launch`` with any of ``integrations/accelerate/*.yaml``, or one process), top to bottom:
+
+1. :func:`locked_output_dir`: the run lock on ``output_dir`` (one run at a time; every node must see the same
+   directory), stale staging entries of this host's dead processes removed;
+2. :func:`.plan.prepare`: data, model config, geometry, tokenizer, output directory and resume point, no weights;
+3. :func:`.builder.build`: this rank's part of the model;
+4. :func:`make_trainer` and ``trainer.train``;
+5. :func:`finish`: adapter (+ tokenizer), single-factor adapter, merged model, probe, summary; ``push_to_hub``.
 
 DPO and its reference model (TRL 1.16):
 
@@ -17,72 +24,82 @@ DPO and its reference model (TRL 1.16):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from ..distributed.gather import gather_objects
+from ..errors import RecipeError
 from ..export import export_adapter
-from ..process_memory import PhasePeaks, limit_heap_retention, malloc_trim
-from .builder import build
-from .checkpoints import checkpoint_to_resume
-from .data import is_conversational_dataset, load_recipe_data
-from .data_order import check_data_order
+from ..runtime.atomic import remove_stale_staging
+from ..runtime.process_memory import PhasePeaks, limit_heap_retention, malloc_trim
+from ..runtime.ranks import gather_objects, log, raise_if_any_rank_failed
+from ..runtime.run_lock import RunLock, check_every_rank_sees
+from .builder import Built, build
+from .checkpoints.markers import is_checkpoint_writer
 from .dpo_reference import sync_reference_adapter
-from .errors import RecipeError
-from .geometry_check import check_geometry
-from .model_source import adapter_peft_config, check_tokenizer, load_tokenizer, model_config_of, model_source
-from .output_guard import check_output_dir
 from .outputs import PROBE_FILE, SINGLE_FACTOR_DIR, export_merged_model, summarize, write_probe, write_summary
+from .plan import RunPlan, prepare
 
 
-@dataclass
-class Prepared:
-    """Everything checked before any weights are loaded."""
+@contextlib.contextmanager
+def locked_output_dir(training) -> Iterator[None]:
+    """Collective: hold the run lock on ``training.output_dir`` for the run (see :mod:`boft_plugin.runtime.run_lock`).
 
-    train_dataset: Any
-    eval_dataset: Any
-    tokenizer: Any
-    model_config: Any
-    peft_config: Any
-    adapted_modules: int
-
-
-def prepare(recipe, train_dataset=None, eval_dataset=None) -> Prepared:
-    """Check the data, tokenizer, model config and BOFT geometry (meta device): raise :class:`RecipeError` early."""
-    train, evaluation = load_recipe_data(recipe, train_dataset, eval_dataset)
-    check_data_order(recipe.training, recipe.options, _length(train), recipe.task)
-    source = model_source(recipe)
-    peft_config = adapter_peft_config(recipe)
-    check_output_dir(recipe.training.output_dir, peft_config, source.path, recipe.options.overwrite_output_dir)
-    checkpoint_to_resume(recipe.training.resume_from_checkpoint, recipe.training.output_dir)
-    model_config = model_config_of(recipe, source)
-    adapted = check_geometry(model_config, peft_config)
-    tokenizer = load_tokenizer(recipe, source)
-    check_tokenizer(tokenizer, model_config, is_conversational_dataset(train), recipe)
-    return Prepared(train, evaluation, tokenizer, model_config, peft_config, adapted)
-
-
-def _length(dataset) -> int | None:
+    The checkpoint writer (rank 0; each node's local rank 0 with ``save_on_each_node``) takes it; then every rank
+    must see rank 0's lock, so that markers, rotation and exports written on rank 0's disk are the ones every node
+    reads. A directory the run created and left empty (a refused recipe) is removed again.
+    """
+    output_dir = Path(training.output_dir)
+    existed = output_dir.exists()
+    writer = is_checkpoint_writer(training.save_on_each_node)
+    lock, error = None, None
+    if writer:
+        try:
+            lock = RunLock(output_dir).acquire()
+            remove_stale_staging(output_dir)
+        except (RecipeError, OSError) as err:
+            error = err if isinstance(err, RecipeError) else RecipeError(f"output_dir {output_dir}: {err}")
+    raise_if_any_rank_failed(error)
     try:
-        return len(dataset)
-    except TypeError:  # streaming
-        return None
+        if not training.save_on_each_node:
+            from ..runtime.ranks import broadcast_object
+
+            run_id = broadcast_object(lock.run_id if lock is not None else None)
+            blind = check_every_rank_sees(output_dir, run_id)
+            if blind:
+                where = ", ".join(f"rank {r} on {host}" for r, host in blind)
+                raise RecipeError(
+                    f"output_dir {output_dir} is not the same directory on every node ({where} cannot see the run "
+                    "lock rank 0 wrote there): markers, rotation and exports happen on rank 0's disk. Put output_dir "
+                    "on a filesystem every node shares, or set save_on_each_node: true"
+                )
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+            with contextlib.suppress(OSError):
+                if not existed and not any(output_dir.iterdir()):
+                    output_dir.rmdir()
 
 
-def make_trainer(recipe, built, train_dataset, eval_dataset):
+def make_trainer(plan: RunPlan, built: Built):
     """boft-plugin's TRL ``SFTTrainer`` / ``DPOTrainer`` for ``built`` (see :func:`.builder.build`)."""
     from .trainers import BoftDPOTrainer, BoftSFTTrainer
 
+    recipe = plan.recipe
     common = dict(
         model=built.model,
         args=recipe.training,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
+        train_dataset=plan.train_dataset,
+        eval_dataset=plan.eval_dataset,
         processing_class=built.tokenizer,
         peft_config=built.peft_config,
         data_order_tail=recipe.options.data_order_tail,
+        resume_plan=plan.resume,
     )
     if recipe.task == "sft":
         return BoftSFTTrainer(**common)
@@ -112,19 +129,19 @@ def run(recipe, train_dataset=None, eval_dataset=None, end: bool = False) -> Run
         end: call ``trainer.end()`` at the end (trackers closed, process group destroyed), as TRL's scripts do.
     """
     started = time.time()
-    limit_heap_retention()  # freed weight-sized blocks go back to the OS (boft_plugin.process_memory)
-    with PhasePeaks() as peaks:  # this rank's peak resident memory per phase, in the run's summary
+    limit_heap_retention()  # freed weight-sized blocks go back to the OS (boft_plugin.runtime.process_memory)
+    with locked_output_dir(recipe.training), PhasePeaks() as peaks:  # per-phase peak memory, in the summary
         peaks.phase("prepare")
-        prepared = prepare(recipe, train_dataset, eval_dataset)
+        plan = prepare(recipe, train_dataset, eval_dataset)
         peaks.phase("load")
-        built = build(recipe, tokenizer=prepared.tokenizer)
+        built = build(plan)
         malloc_trim()  # what loading freed (whole tensors read once, construction buffers) goes back to the OS
         peaks.phase("train")
-        trainer = make_trainer(recipe, built, prepared.train_dataset, prepared.eval_dataset)
-        trainer.train(resume_from_checkpoint=recipe.training.resume_from_checkpoint)
-        result = finish(recipe, trainer, built, started, peaks)
-    if recipe.training.push_to_hub:
-        trainer.push_to_hub(dataset_name=recipe.script.dataset_name)
+        trainer = make_trainer(plan, built)
+        trainer.train(resume_from_checkpoint=plan.resume.checkpoint)
+        result = finish(plan, trainer, built, started, peaks)
+        if recipe.training.push_to_hub:
+            trainer.push_to_hub(dataset_name=recipe.script.dataset_name, include=recipe.options.hub_upload)
     if end and hasattr(trainer, "end"):
         trainer.end()
     return result
@@ -146,19 +163,25 @@ def release_zero3_parameters(trainer) -> None:
         engine.empty_partition_cache()
 
 
-def finish(recipe, trainer, built, started: float | None = None, peaks: PhasePeaks | None = None) -> RunResult:
-    """End of run on every rank: export the adapter (and merged model), the probe logits, the summary."""
+def finish(plan: RunPlan, trainer, built: Built, started: float | None = None, peaks: PhasePeaks | None = None):
+    """End of run on every rank: export the adapter with the tokenizer, single-factor adapter, merged model, the probe
+    logits, the summary. Returns a :class:`RunResult`."""
+    recipe = plan.recipe
     output_dir = recipe.training.output_dir
     model = trainer.model_wrapped if trainer.model_wrapped is not None else trainer.model
     release_zero3_parameters(trainer)
-    from ..distributed.gather import rank, unwrap_peft_model
+    from ..distributed.gather import unwrap_peft_model
 
     adapter = unwrap_peft_model(model).active_adapters[0]
     phase = peaks.phase if peaks is not None else (lambda name: None)
     phase("export_adapter")
-    files: dict[str, Any] = {"adapter": export_adapter(model, output_dir, adapter_names=[adapter])}
-    if rank() == 0:
-        built.tokenizer.save_pretrained(output_dir)
+    tokenizer = built.tokenizer
+    files: dict[str, Any] = {
+        "adapter": export_adapter(
+            model, output_dir, adapter_names=[adapter], extra_files=lambda staging: tokenizer.save_pretrained(staging)
+        )
+    }
+    trainer.boft_exported = True  # push_to_hub uploads this export instead of saving again
     if recipe.options.export_single_factor:
         phase("export_single_factor")
         files["single_factor"] = export_adapter(
@@ -181,9 +204,18 @@ def finish(recipe, trainer, built, started: float | None = None, peaks: PhasePea
         extra["rss_anon_mib_by_rank"] = gather_objects(peaks.report())  # collective
     summary = summarize(recipe.task, trainer, files, extra)
     files["summary"] = write_summary(summary, output_dir)
-    if rank() == 0:
-        trainer.accelerator.print(f"boft-plugin {recipe.task}: adapter written to {output_dir}")
+    log(f"{recipe.task}: adapter written to {output_dir}")
     return RunResult(trainer=trainer, summary=summary, output_dir=output_dir)
 
 
-__all__ = ["Prepared", "RecipeError", "RunResult", "finish", "make_trainer", "prepare", "run", "sync_reference_adapter"]
+__all__ = [
+    "RecipeError",
+    "RunPlan",
+    "RunResult",
+    "finish",
+    "locked_output_dir",
+    "make_trainer",
+    "prepare",
+    "run",
+    "sync_reference_adapter",
+]

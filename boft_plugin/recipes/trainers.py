@@ -2,9 +2,11 @@
 
 :class:`BoftTrainerMixin` adds, to any transformers ``Trainer`` subclass:
 
-- kill-safe checkpoints: the Trainer's own rotation is off, ``callbacks.CompleteCheckpoints`` marks and rotates;
-- ``resume_from_checkpoint`` values ``auto`` / ``true`` resolved to the newest *complete* checkpoint, and DeepSpeed
-  checkpoints written by another number of ranks loaded through the universal format;
+- kill-safe, owned checkpoints: each ``checkpoint-N`` is marked started before the Trainer writes it and complete
+  after every rank wrote it; only the run's own checkpoints are ever rotated away (``checkpoints.markers``);
+- ``resume_from_checkpoint`` resolved by ``checkpoints.resume.plan_resume`` (the newest complete checkpoint, the
+  run's own unfinished ones removed, anything else it would write over refused), and DeepSpeed checkpoints written
+  by another number of ranks loaded through the universal format;
 - under FSDP2 pre-sharding, Trainer checkpoints through ``torch.distributed.checkpoint`` (``dcp_checkpoints``)
   and the end-of-run ``save_model`` as a gathered PEFT adapter;
 - under accelerate's FSDP plugin (GPUs), ``boft_R`` held block-major so that FSDP2 shards whole blocks;
@@ -15,16 +17,20 @@
 from __future__ import annotations
 
 import contextlib
+import uuid
+from pathlib import Path
 
 from trl import DPOTrainer, SFTTrainer
 
 from ..distributed.fsdp import is_fsdp2_sharded, store_block_major
-from . import dcp_checkpoints
-from .callbacks import CompleteCheckpoints, LogMemory, ReleaseFreedMemory, SyncReferenceAdapter
-from .checkpoints import resolve_resume
+from ..runtime.ranks import barrier, world_size
+from .callbacks import LogMemory, ReleaseFreedMemory, SyncReferenceAdapter
+from .checkpoints import dcp as dcp_checkpoints
+from .checkpoints.markers import begin_checkpoint, complete_checkpoint, is_checkpoint_writer, rotate
+from .checkpoints.resume import ResumePlan, agreed_resume_plan, carry_out
+from .checkpoints.universal import prepare_deepspeed_resume
 from .data_order import WorldSizeInvariantDataMixin
 from .dpo_reference import REFERENCE_ADAPTER
-from .universal_checkpoints import prepare_deepspeed_resume
 
 __all__ = ["BoftDPOTrainer", "BoftSFTTrainer", "BoftTrainerMixin"]
 
@@ -32,12 +38,13 @@ __all__ = ["BoftDPOTrainer", "BoftSFTTrainer", "BoftTrainerMixin"]
 class BoftTrainerMixin:
     """Put first in the bases of a transformers ``Trainer`` subclass (see the module docstring)."""
 
-    def __init__(self, *args, data_order_tail: str = "drop", **kwargs):
+    def __init__(self, *args, data_order_tail: str = "drop", resume_plan: ResumePlan | None = None, **kwargs):
         self.data_order_tail = data_order_tail  # read by WorldSizeInvariantDataMixin when the loader is built
+        self.boft_resume_plan = resume_plan  # decided before loading (train.prepare), else in train()
+        self.boft_lineage: str | None = None
         super().__init__(*args, **kwargs)
-        # rotation happens after the completion marker, in CompleteCheckpoints, so it only counts complete ones
-        keep, self.args.save_total_limit = self.args.save_total_limit, None
-        self.add_callback(CompleteCheckpoints(keep))
+        # rotation happens after the completion marker (_save_checkpoint), so it only counts complete, own checkpoints
+        self.boft_keep_checkpoints, self.args.save_total_limit = self.args.save_total_limit, None
         self.add_callback(LogMemory())
         self.add_callback(ReleaseFreedMemory())
         self.boft_fsdp2_pre_sharded = is_fsdp2_sharded(self.model)
@@ -45,11 +52,72 @@ class BoftTrainerMixin:
             store_block_major(self.model)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        resume = resolve_resume(resume_from_checkpoint, self.args.output_dir)
-        prepare_deepspeed_resume(self, resume)
-        return super().train(resume, *args, **kwargs)
+        plan = self.boft_resume_plan or agreed_resume_plan(resume_from_checkpoint, self.args.output_dir)
+        self.boft_resume_plan = None  # carried out once; a later train() call decides again
+        carry_out(plan, is_checkpoint_writer(self.args.save_on_each_node))
+        self.boft_lineage = plan.lineage
+        prepare_deepspeed_resume(self, plan.checkpoint)
+        return super().train(plan.checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's checkpoint, marked started (pending) before anything is written and complete after every
+        rank wrote its part; then the run's own older checkpoints are rotated (``save_total_limit``)."""
+        checkpoint = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if self.boft_lineage is None:  # saved outside train(): a checkpoint series of its own
+            self.boft_lineage = uuid.uuid4().hex
+        lineage = self.boft_lineage
+        writer = is_checkpoint_writer(self.args.save_on_each_node)
+        nonce = begin_checkpoint(checkpoint, lineage) if writer else None
+        barrier()
+        super()._save_checkpoint(model, trial)
+        barrier()  # every rank has written its part
+        if writer:
+            complete_checkpoint(checkpoint, lineage, nonce, world_size())
+            rotate(self.args.output_dir, self.boft_keep_checkpoints, lineage)
+        barrier()
 
     # -- FSDP2 pre-sharded: checkpoints through torch.distributed.checkpoint ------------------------------------
+    def push_to_hub(
+        self,
+        commit_message="End of training",
+        blocking=True,
+        token=None,
+        revision=None,
+        private=None,
+        *,
+        include: list[str] | None = None,
+        **kwargs,
+    ):
+        """The Trainer's ``push_to_hub`` with an allow-list: the adapter and tokenizer (``include``: the parts of
+        ``recipes.hub.HUB_PATTERNS``; the recipe key ``hub_upload``), never checkpoints, merged models, config-built
+        base models, probes or summaries unless named. The adapter is the one the run exported; it is saved again
+        only when the run did not export it."""
+        from transformers.trainer import hf_api
+
+        from .hub import hub_patterns
+
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        if not getattr(self, "boft_exported", False):
+            self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        name = self.args.hub_model_id.split("/")[-1] if self.args.hub_model_id else Path(self.args.output_dir).name
+        self.create_model_card(model_name=kwargs.pop("model_name", name), **kwargs)
+        self._finish_current_push()
+        return hf_api().upload_folder(
+            repo_id=self.hub_model_id,
+            folder_path=self.args.output_dir,
+            commit_message=commit_message,
+            token=token,
+            run_as_future=not blocking,
+            allow_patterns=hub_patterns(include if include is not None else ["adapter", "tokenizer"]),
+            ignore_patterns=[".*", "_*", "checkpoint-*"],
+            revision=revision if revision is not None else self.args.hub_revision,
+        )
+
     def save_model(self, output_dir=None, _internal_call=False):
         if not self.boft_fsdp2_pre_sharded:
             return super().save_model(output_dir, _internal_call)

@@ -21,8 +21,8 @@ import torch
 from peft import BOFTConfig, get_peft_model
 
 from ..ops.compare import max_relative_error
-from ..registry import register, unregister
 from ..stock_peft import stock_peft_boft
+from ..tuner.registry import register, unregister
 
 WIDTH, OUT, BLOCK, TOKENS = 256, 96, 8, (4, 32)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..synthetic_tasks import preference_examples, sft_examples, write_jsonl
+from ..toy.tasks import preference_examples, sft_examples, write_jsonl
 
-__all__ = ["tiny_recipe", "write_tiny_data"]
+__all__ = ["tiny_recipe", "write_recipe", "write_tiny_data"]
 
 
 def write_tiny_data(directory: str | os.PathLike, n_sft: int = 64, n_dpo: int = 32) -> dict[str, Path]:
@@ -52,3 +52,11 @@ def tiny_recipe(task: str, output_dir: str | os.PathLike, data: dict[str, Path],
         recipe.update(beta=0.1)
     recipe.update(overrides)
     return recipe
+
+
+def write_recipe(path: str | os.PathLike, mapping: dict) -> str:
+    """Write ``mapping`` as a recipe YAML file at ``path``; returns the path as a string (for ``--config``)."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(mapping))
+    return str(path)

@@ -143,6 +143,35 @@ class _Cases:
         (out / "checkpoint-4").mkdir(parents=True)
         return self._refused_recipe("resume", resume_from_checkpoint=str(out / "checkpoint-4"))
 
+    def _stock_checkpoint(self, out: Path, step: int, deepspeed: bool = False) -> None:
+        checkpoint = out / f"checkpoint-{step}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (checkpoint / "adapter_model.safetensors").write_bytes(b"weights")
+        (checkpoint / "scheduler.pt").write_bytes(b"scheduler")
+        if deepspeed:
+            (checkpoint / "latest").write_text(f"global_step{step}")
+            (checkpoint / f"global_step{step}").mkdir()
+        else:
+            (checkpoint / "optimizer.pt").write_bytes(b"optimizer")
+
+    def fresh_run_over_checkpoints(self):
+        _, out = self._recipe("fresh")
+        self._stock_checkpoint(out, 2)
+        return self._refused_recipe("fresh")
+
+    def untrusted_pickled_checkpoint(self):
+        _, out = self._recipe("untrusted")
+        self._stock_checkpoint(out, 4, deepspeed=True)
+        return self._refused_recipe("untrusted", resume_from_checkpoint="auto")
+
+    def output_dir_in_use(self):
+        from ..runtime.run_lock import RunLock
+
+        _, out = self._recipe("locked")
+        with RunLock(out):
+            return self._refused_recipe("locked")
+
     # -- the Python API --------------------------------------------------------------------------------------------
     @staticmethod
     def _api(fn: Callable[[], object], untouched: str) -> Outcome:
@@ -158,7 +187,7 @@ class _Cases:
     def _adapted(base, **config):
         from peft import BOFTConfig, get_peft_model
 
-        from ..registry import register, unregister
+        from ..tuner.registry import register, unregister
 
         register()
         try:
@@ -193,7 +222,7 @@ class _Cases:
         return self.work / name, base
 
     def _load(self, path: Path, base, **kwargs) -> Outcome:
-        from ..adapter_loading import load_adapter
+        from ..export.loading import load_adapter
 
         before = _snapshot(path)
         outcome = self._api(lambda: load_adapter(base, path, **kwargs), "model and files unchanged")
@@ -260,6 +289,16 @@ class _Cases:
         assert code == 2 and not (self.work / "halfturn_single").exists()
         return Outcome(str(code), message, "target not created")
 
+    def convert_symlink(self):
+        path, _ = self._saved_adapter("linked_source")
+        linked = self.work / "linked"
+        linked.mkdir()
+        (linked / "adapter_config.json").write_text((path / "adapter_config.json").read_text())
+        (linked / "adapter_model.safetensors").symlink_to(path / "adapter_model.safetensors")
+        code, message = _cli(["convert", "--single-factor", str(linked), str(self.work / "linked_single")])
+        assert code == 2 and not (self.work / "linked_single").exists()
+        return Outcome(str(code), message, "target not created")
+
     def verify_missing_base(self):
         path, _ = self._saved_adapter("nobase")
         config = json.loads((path / "adapter_config.json").read_text())
@@ -293,6 +332,9 @@ CASES = {
     "init_adapter without an adapter": "init_adapter_missing",
     "bf16 with DeepSpeed on a machine without GPUs": "deepspeed_bf16_on_cpu",
     "resume_from_checkpoint naming an incomplete checkpoint": "incomplete_checkpoint",
+    "a fresh run over existing checkpoint-N directories": "fresh_run_over_checkpoints",
+    "resuming a DeepSpeed checkpoint not signed for this user": "untrusted_pickled_checkpoint",
+    "output_dir locked by a run that is still running": "output_dir_in_use",
     "get_peft_model, block size that fits no width": "bad_geometry",
     "get_peft_model, non-square Conv2d kernel": "non_square_conv",
     "get_peft_model, bitsandbytes layer": "quantised_layer",
@@ -303,6 +345,7 @@ CASES = {
     "forward with a NaN boft_s": "nan_scale_in_training",
     "unmerge with boft_s = 0": "unmerge_zero_scale",
     "convert --single-factor, a half turn": "convert_half_turn",
+    "convert --single-factor, a symbolic link in the source": "convert_symlink",
     "verify, base model moved away": "verify_missing_base",
 }
 
@@ -310,6 +353,9 @@ CASES = {
 def _normalise(text: str, work: Path) -> str:
     text = text.replace(str(work), "<tmp>")
     text = re.sub(r"/tmp/[^ '\"]*", "<tmp>", text)
+    text = re.sub(
+        r"pid \d+ on host \S+, started [\d: -]+\([^)]*\)", "pid <pid> on host <host>, started <time> (<command>)", text
+    )
     return text.replace("|", "\\|")
 
 

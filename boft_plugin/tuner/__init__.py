@@ -1,14 +1,22 @@
-"""The PEFT-facing tuner: geometry and target checks, layers, the state-dict boundary, and ``BoftModel``.
+"""The PEFT-facing tuner: geometry and target checks, layers, the state-dict boundary, ``BoftTuner``, and the
+registration that routes PEFT's ``BOFT`` type to it.
 
-Imports only :mod:`boft_plugin.ops`, PEFT and torch (see docs/architecture.md).
+Imports only :mod:`boft_plugin.ops`, :mod:`boft_plugin.errors`, PEFT and torch (see docs/architecture.md).
 """
 
+from ..errors import (
+    BoftCheckpointError,
+    BoftNumericsError,
+    BoftSaveError,
+    BoftTargetError,
+    GeometryError,
+    ShardingOrderError,
+)
 from .conv import BoftConv2d
-from .errors import BoftCheckpointError, BoftNumericsError, BoftSaveError, BoftTargetError, ShardingOrderError
-from .geometry import Geometry, GeometryError, resolve_geometry
+from .geometry import Geometry, resolve_geometry
 from .layer import BoftLayer
 from .linear import BoftLinear
-from .model import BoftModel
+from .model import BoftTuner
 from .targets import TargetPlan, check_targets, plan_targets
 
 __all__ = [
@@ -16,7 +24,7 @@ __all__ = [
     "BoftConv2d",
     "BoftLayer",
     "BoftLinear",
-    "BoftModel",
+    "BoftTuner",
     "BoftNumericsError",
     "BoftSaveError",
     "BoftTargetError",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import GeometryError
 from ..ops.butterfly import effective_block_size
 
 __all__ = [
@@ -21,15 +22,6 @@ __all__ = [
     "scale_shape",
     "suggest_valid_choices",
 ]
-
-
-class GeometryError(ValueError):
-    """A block geometry that cannot work for a layer width; ``reason`` says why in one sentence."""
-
-    def __init__(self, reason: str, key: str | None = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.key = key  # the config key at fault, when one alone is
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from peft.tuners.boft.layer import BOFTLayer, MultiplicativeDropoutLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
+from ..errors import BoftNumericsError
 from ..ops.butterfly import rotate_weight
-from .errors import BoftNumericsError
 from .geometry import Geometry, GeometryError, resolve_geometry, scale_shape
 from .rotation import BlockCache, application_blocks, effective_blocks_from, min_application_width
 from .zero3 import zero3_pre_forward_hook

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import BoftNumericsError
 from ..ops.butterfly import rotate_activations
 from ..ops.scale_shift import NonFiniteScaleError, scale_shift
-from .errors import BoftNumericsError
 from .layer import BoftLayer
 
 

@@ -1,4 +1,4 @@
-"""``BoftModel``: PEFT's BOFT tuner with our layers, registered in place of PEFT's by ``register()``.
+"""``BoftTuner``: PEFT's BOFT tuner with our layers, registered in place of PEFT's by ``register()``.
 
 It keeps PEFT's ``BOFTModel`` API (it subclasses it) and changes two things: every targeted module is checked
 before the first one is replaced (one error lists them all), and modules are built from our fast layer classes.
@@ -12,8 +12,8 @@ from peft.tuners.boft.model import BOFTModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ..errors import BoftCheckpointError, ShardingOrderError
 from .conv import BoftConv2d
-from .errors import BoftCheckpointError, ShardingOrderError
 from .layer import BoftLayer
 from .linear import BoftLinear
 from .state_dict import (
@@ -49,12 +49,12 @@ def undo_adapter(model: nn.Module, adapter_name: str) -> None:
         configs = getattr(owner, "peft_config", None) if owner is not None else None
         if isinstance(configs, dict):
             configs.pop(adapter_name, None)
-    tuner = model.base_model if isinstance(getattr(model, "base_model", None), BoftModel) else model
+    tuner = model.base_model if isinstance(getattr(model, "base_model", None), BoftTuner) else model
     for param, flag in tuner.__dict__.get("_boft_requires_grad_before", {}).pop(adapter_name, []):
         param.requires_grad_(flag)
 
 
-class BoftModel(BOFTModel):
+class BoftTuner(BOFTModel):
     """Drop-in replacement for PEFT's ``BOFTModel`` (same config, same parameter names and shapes)."""
 
     @classmethod
@@ -145,3 +145,6 @@ class BoftModel(BOFTModel):
             )
             boft_config.fan_in_fan_out = True
         return BoftLinear(target, adapter_name, config=boft_config)
+
+
+BoftModel = BoftTuner  # the name before 0.2 (it differed from PEFT's BOFTModel by case only); kept one release

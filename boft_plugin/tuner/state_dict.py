@@ -1,6 +1,6 @@
 """The tuner's state-dict boundary: what an adapter's tensors must look like, and how they cross to and from disk.
 
-Everything that reads or writes adapter tensors goes through here (``BoftModel``'s PEFT hooks, the exporter, the
+Everything that reads or writes adapter tensors goes through here (``BoftTuner``'s PEFT hooks, the exporter, the
 adapter loader, the sharding glue):
 
 - expected shapes of every adapter tensor, from live layers (:func:`expected_adapter_shapes`) or from a plan of a
@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from .errors import BoftSaveError
+from ..errors import BoftSaveError
 from .layer import BoftLayer
 
 __all__ = [
@@ -49,7 +49,7 @@ _unchecked = contextvars.ContextVar("boft_unchecked_selection", default=False)
 
 @contextlib.contextmanager
 def unchecked_selection() -> Iterator[None]:
-    """Within this context ``BoftModel``'s PEFT state-dict hook selects tensors as they are (no refusal of
+    """Within this context ``BoftTuner``'s PEFT state-dict hook selects tensors as they are (no refusal of
     partitioned tensors, no layout change): for an exporter that gathers and restores the layout afterwards."""
     token = _unchecked.set(True)
     try:
@@ -141,9 +141,14 @@ def _module_of(key: str) -> tuple[str, str] | None:
     return None
 
 
+def _factor_count_differs(name: str, found: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """A ``boft_R`` whose blocks fit but whose number of butterfly factors does not."""
+    return name == "boft_R" and found[1:] == tuple(shape[1:]) and found[0] != shape[0]
+
+
 def _shape_problem(module: str, name: str, found: tuple[int, ...], shape: tuple[int, ...], m_config) -> str:
     message = f"{PEFT_PREFIX}{module}.{name}: shape {found} in the file, {tuple(shape)} expected"
-    if name == "boft_R" and found[1:] == tuple(shape[1:]) and found[0] != shape[0]:
+    if _factor_count_differs(name, found, shape):
         message += (
             f" (adapter_config.json says boft_n_butterfly_factor={m_config} but the tensors hold {found[0]} factor(s)"
         )
@@ -168,6 +173,7 @@ def check_adapter_tensors(tensors: dict[str, Tensor], expected: Shapes, config: 
         if owner:
             found.setdefault(owner[0], {})[owner[1]] = tensor
     m_config = config.get("boft_n_butterfly_factor")
+    factors_differ = False
     for module, shapes in expected.items():
         if module not in found:
             problems.append(f"{module}: targeted by the config in this model, but the file has no tensors for it")
@@ -178,12 +184,13 @@ def check_adapter_tensors(tensors: dict[str, Tensor], expected: Shapes, config: 
                 problems.append(f"{PEFT_PREFIX}{module}.{name}: missing from the file")
             elif tuple(tensor.shape) != tuple(shape):
                 problems.append(_shape_problem(module, name, tuple(tensor.shape), shape, m_config))
+                factors_differ |= _factor_count_differs(name, tuple(tensor.shape), shape)
     for module in sorted(set(found) - set(expected)):
         problems.append(
             f"{PEFT_PREFIX}{module}: the file has an adapter for this module, which this model does not have or the "
             "config does not target (an adapter for another base model?)"
         )
-    if any("factor(s)" in p for p in problems):
+    if factors_differ:
         problems.append(
             "remedy: load the adapter as what it really is with boft_plugin.load_adapter(model, path, "
             "butterfly_factor='tensors') (or set boft_n_butterfly_factor to the tensors' count in "

@@ -10,11 +10,11 @@ import copy
 from dataclasses import dataclass
 
 from peft.tuners.boft.layer import BOFTLayer
-from peft.tuners.boft.model import BOFTModel
-from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .errors import BoftTargetError
+from ..errors import BoftTargetError
+from ..runtime.upstream import include_all_linear_layers, is_excluded_match, target_module_matches
 from .geometry import Geometry, GeometryError, resolve_geometry, scale_shape, suggest_valid_choices
 from .layer import BoftLayer
 
@@ -172,7 +172,13 @@ def resolve_target_modules(config, model: nn.Module):
         if default is None:
             raise BoftTargetError(f"PEFT has no default BOFT target modules for model type {model_type!r}; list them")
         config.target_modules = default if isinstance(default, str) else set(default)
-    return _maybe_include_all_linear_layers(config, model)
+    return include_all_linear_layers(config, model)
+
+
+def is_targeted(config, key: str) -> bool:
+    """Whether PEFT's own matcher adapts the module named ``key`` (targeted and not excluded)."""
+    matched = target_module_matches(config, key)
+    return bool(matched) and not is_excluded_match(matched)
 
 
 def plan_targets(model: nn.Module, config) -> tuple[dict[str, TargetPlan], list[str]]:
@@ -189,8 +195,7 @@ def plan_targets(model: nn.Module, config) -> tuple[dict[str, TargetPlan], list[
             continue
         if isinstance(module, BaseTunerLayer):
             tuner_prefixes.append(key + ".")
-        matched = BOFTModel._check_target_module_exists(config, key)
-        if not matched or type(matched).__name__ == "_ExcludedModule":
+        if not is_targeted(config, key):
             continue
         base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
         if isinstance(module, BOFTLayer) and not isinstance(module, BoftLayer):

@@ -1,0 +1,272 @@
+"""Reload a run's exports with *stock* PEFT / plain transformers and compare with the trained model's logits.
+
+``boft-plugin verify OUTPUT_DIR`` (or :func:`verify_in_fresh_process`) must run in a process that did not train.
+For each adapter it reports separately:
+
+- **oracle**: stock PEFT's own BOFT maths (``stock_peft_boft(multi_factor=True)``: its real m-factor path, also on
+  machines without its CUDA extension) on the base model named in ``adapter_config.json``;
+- **as installed**: stock PEFT exactly as it runs on this machine. Without its CUDA extension (every CPU, many GPU
+  setups) it can load only adapters with ``boft_n_butterfly_factor = 1``; an m > 1 adapter then fails to load
+  (PEFT's own limitation), which is reported with the remedy (``boft-plugin convert --single-factor``), not hidden;
+- **merged**: ``<output_dir>/merged`` with plain ``AutoModelForCausalLM``;
+- **single factor**: ``<output_dir>/single_factor`` (recipe key ``export_single_factor``) with stock PEFT as
+  installed (no patch at all), against the training run's logits and against boft-plugin on the original adapter.
+
+The expected logits are those the training run saved (``probe_logits.pt``, recipe key ``probe_text``); when none
+were saved, verify makes its own probe from the tokenizer and compares with boft-plugin's own reload of the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import VerifyError
+from ..ops.compare import max_relative_error
+from .layout import MERGED_DIR, PROBE_FILE, SINGLE_FACTOR_DIR
+
+DEFAULT_TOLERANCE = 1e-4  # max |difference| relative to max |logit|, float32 runs
+LOW_PRECISION_TOLERANCE = 2e-2  # runs that computed in bf16/fp16 (FSDP2 param_dtype, DeepSpeed bf16): measured 7e-3
+OWN_PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 0123456789"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _load_base(base: str, output_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise VerifyError(
+            f"{output_dir}: the base model {base!r} (base_model_name_or_path in adapter_config.json) cannot be "
+            f"loaded ({_first_line(err)}); pass --base_model PATH"
+        ) from None
+
+
+def _stock_logits(adapter_dir: Path, base: str, input_ids, multi_factor: bool):
+    """Logits of stock PEFT's BOFT on ``adapter_dir``: its real m-factor maths (oracle) or as on this machine."""
+    import torch
+    from peft import PeftModel
+
+    from ..stock_peft import stock_peft_boft
+
+    with stock_peft_boft(multi_factor=multi_factor):
+        model = PeftModel.from_pretrained(_load_base(base, adapter_dir), str(adapter_dir)).eval()
+        layer = next(m for m in model.modules() if hasattr(m, "boft_R") and len(m.boft_R))
+        with torch.no_grad():
+            logits = model(input_ids=input_ids).logits.float()
+    factors = int(next(iter(layer.boft_R.values())).shape[0])
+    return logits, factors, f"{type(layer).__module__}.{type(layer).__name__}"
+
+
+def _as_installed(adapter_dir: Path, base: str, input_ids, expected, config: dict) -> dict:
+    """Stock PEFT exactly as it behaves here (see the module docstring)."""
+    import torch
+
+    has_extension_route = torch.cuda.is_available()
+    factors = int(config.get("boft_n_butterfly_factor") or 1)
+    result: dict = {"machine": "CUDA available" if has_extension_route else "no CUDA: PEFT's fbd_cuda cannot build"}
+    if has_extension_route:  # PEFT builds its extension itself; let it
+        try:
+            logits, got, _ = _stock_logits(adapter_dir, base, input_ids, multi_factor=True)
+        except Exception as err:  # noqa: BLE001 - whatever stock PEFT raises is the finding
+            return {**result, "loads": False, "note": _first_line(err)}
+        return {**result, "loads": True, "factors": got, "rel_err": max_relative_error(logits, expected)}
+    try:  # without CUDA PEFT falls back to one factor; this runs that fallback without its failing build attempt
+        logits, got, _ = _stock_logits(adapter_dir, base, input_ids, multi_factor=False)
+    except Exception as err:  # noqa: BLE001
+        note = _first_line(err)
+        if factors > 1:
+            note = (
+                f"stock PEFT without its CUDA extension trains and loads only 1 butterfly factor; this adapter has "
+                f"{factors}. Export an equivalent single-factor adapter: boft-plugin convert --single-factor SRC DST"
+            )
+        return {**result, "loads": False, "note": note}
+    return {**result, "loads": True, "factors": got, "rel_err": max_relative_error(logits, expected)}
+
+
+def _ours_logits(adapter_dir: Path, base: str, input_ids):
+    """boft-plugin's own reload of ``adapter_dir`` (float32), leaving PEFT's routing as it was."""
+    import torch
+
+    from ..tuner.registry import is_registered, unregister
+    from .loading import load_adapter
+
+    was_registered = is_registered()
+    try:
+        model = load_adapter(_load_base(base, adapter_dir), adapter_dir).eval()
+        with torch.no_grad():
+            return model(input_ids=input_ids).logits.float()
+    finally:
+        if not was_registered:
+            unregister()
+
+
+def _single_factor_report(directory: Path, original: Path, base: str, input_ids, expected) -> dict:
+    """Stock PEFT as installed on the single-factor export, against the probe and against ours on the original."""
+    config = json.loads((directory / "adapter_config.json").read_text())
+    report = {"dir": str(directory), "block_size": config.get("boft_block_size")}
+    report["as_installed"] = _as_installed(directory, base, input_ids, expected, config)
+    if report["as_installed"].get("loads"):
+        logits, _, _ = _stock_logits(directory, base, input_ids, multi_factor=False)
+        report["vs_ours_on_original"] = max_relative_error(logits, _ours_logits(original, base, input_ids))
+    return report
+
+
+def _probe(output_dir: Path, base: str):
+    """(input ids, expected logits, where the expectation comes from, the dtype they were computed in)."""
+    import torch
+
+    probe_file = output_dir / PROBE_FILE
+    if probe_file.is_file():
+        probe = torch.load(probe_file, weights_only=True)
+        return probe["input_ids"], probe["logits"], f"training run ({PROBE_FILE})", probe.get("compute_dtype")
+    from transformers import AutoTokenizer
+
+    source = output_dir if (output_dir / "tokenizer_config.json").is_file() else base
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as err:
+        raise VerifyError(
+            f"{output_dir}: no {PROBE_FILE} and no tokenizer to make a probe ({_first_line(err)})"
+        ) from None
+    ids = tokenizer(OWN_PROBE_TEXT, return_tensors="pt").input_ids
+    expected = _ours_logits(output_dir, base, ids)
+    return ids, expected, f"boft-plugin reload (no {PROBE_FILE} saved)", str(expected.dtype)
+
+
+def reload_and_compare(
+    adapter_dir: str | os.PathLike, base_model: str, input_ids, expected, merged_dir: str | os.PathLike | None = None
+) -> dict:
+    """Oracle and merged comparisons of one exported adapter (see the module docstring)."""
+    adapter_dir = Path(adapter_dir)
+    logits, factors, layer = _stock_logits(adapter_dir, base_model, input_ids, multi_factor=True)
+    report = {
+        "base_model": base_model,
+        "n_butterfly_factor": factors,
+        "stock_layer": layer,
+        "oracle_rel_err": max_relative_error(logits, expected),
+    }
+    if merged_dir is not None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        plain = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+        with torch.no_grad():
+            report["merged_rel_err"] = max_relative_error(plain(input_ids=input_ids).logits.float(), expected)
+    return report
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_outputs` found for one run directory.
+
+    ``comparisons`` holds the figures (``oracle_rel_err``, ``merged_rel_err``, ``as_installed``, ``single_factor``,
+    ...) under the keys the JSON output uses; :meth:`problems` says which comparisons that must hold do not.
+    """
+
+    output_dir: str
+    comparisons: dict = field(default_factory=dict)
+
+    def problems(self, tolerance: float = DEFAULT_TOLERANCE) -> list[str]:
+        return check_report(self.comparisons, tolerance)
+
+    def as_dict(self, tolerance: float = DEFAULT_TOLERANCE) -> dict:
+        """The figures plus ``ok`` and ``problems`` (what ``boft-plugin verify --json`` prints)."""
+        problems = self.problems(tolerance)
+        return {"output_dir": self.output_dir, **self.comparisons, "ok": not problems, "problems": problems}
+
+
+def verify_outputs(
+    output_dir: str | os.PathLike, base_model: str | None = None, merged: bool | None = None
+) -> VerifyReport:
+    """Reload and compare in *this* process (see the module docstring); raises :class:`VerifyError`."""
+    output_dir = Path(output_dir)
+    config_file = output_dir / "adapter_config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise VerifyError(
+            f"{config_file}: cannot be read ({_first_line(err)}); is {output_dir} a run's output_dir?"
+        ) from None
+    base = base_model or config.get("base_model_name_or_path")
+    if not base:
+        raise VerifyError(f"{config_file} names no base model; pass --base_model PATH")
+    if os.path.isabs(os.path.expanduser(base)) and not os.path.exists(os.path.expanduser(base)):
+        raise VerifyError(
+            f"{output_dir}: the base model {base} (base_model_name_or_path in adapter_config.json) does not exist; "
+            "pass --base_model PATH"
+        )
+    ids, expected, source, compute_dtype = _probe(output_dir, base)
+    merged_dir = output_dir / MERGED_DIR
+    check_merged = merged or (merged is None and merged_dir.is_dir())
+    report = {"expected": source, "probe_compute_dtype": compute_dtype}
+    report.update(reload_and_compare(output_dir, base, ids, expected, merged_dir if check_merged else None))
+    report["as_installed"] = _as_installed(output_dir, base, ids, expected, config)
+    single = output_dir / SINGLE_FACTOR_DIR
+    if (single / "adapter_config.json").is_file():
+        report["single_factor"] = _single_factor_report(single, output_dir, base, ids, expected)
+    return VerifyReport(str(output_dir), report)
+
+
+def check_report(report: dict, tolerance: float = DEFAULT_TOLERANCE) -> list[str]:
+    """Problems in a :func:`verify_outputs` report (empty when every comparison that must hold holds).
+
+    Stock PEFT as installed failing to load an m > 1 adapter without CUDA is PEFT's documented limitation, not a
+    problem of the adapter; for a single-factor adapter (m = 1) it must load and match.
+    """
+    problems = []
+    if report.get("probe_compute_dtype") in ("torch.bfloat16", "torch.float16"):
+        tolerance = max(tolerance, LOW_PRECISION_TOLERANCE)  # a reload in float32 against a bf16-computed probe
+    for key in ("oracle_rel_err", "merged_rel_err"):
+        if key in report and not report[key] <= tolerance:
+            problems.append(f"{key}={report[key]:.3g} > {tolerance:g}")
+    if "stock_layer" in report and not report["stock_layer"].startswith("peft."):
+        problems.append(f"the adapter was not rebuilt by stock PEFT ({report['stock_layer']})")
+    installed = report.get("as_installed")
+    if installed and report.get("n_butterfly_factor") == 1:
+        if not installed.get("loads"):
+            problems.append(f"stock PEFT as installed cannot load this single-factor adapter: {installed.get('note')}")
+        elif not installed["rel_err"] <= tolerance:
+            problems.append(f"as_installed rel_err={installed['rel_err']:.3g} > {tolerance:g}")
+    single = report.get("single_factor")
+    if single:
+        installed = single["as_installed"]
+        if not installed.get("loads"):
+            problems.append(f"stock PEFT as installed cannot load {single['dir']}: {installed.get('note')}")
+        else:
+            for key, value in (
+                ("rel_err", installed["rel_err"]),
+                ("vs_ours_on_original", single["vs_ours_on_original"]),
+            ):
+                if not value <= tolerance:
+                    problems.append(f"single_factor {key}={value:.3g} > {tolerance:g}")
+    return problems
+
+
+def verify_in_fresh_process(
+    *output_dirs: str | os.PathLike, timeout: float = 300, env: dict | None = None, merged: bool | None = None
+) -> list[dict]:
+    """Run ``python -m boft_plugin verify DIR... --json`` in a new process; return one report per directory."""
+    from ..runtime.launchers import cpu_env
+
+    cmd = [sys.executable, "-m", "boft_plugin", "verify", *map(str, output_dirs), "--json"]
+    if merged is not None:
+        cmd.append("--merged" if merged else "--no-merged")
+    proc = subprocess.run(cmd, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if len(reports) != len(output_dirs):
+        raise RuntimeError(
+            f"verify exited with {proc.returncode} and {len(reports)} report(s) for {len(output_dirs)} "
+            f"director(ies):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return reports

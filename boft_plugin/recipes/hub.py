@@ -1,0 +1,45 @@
+"""What the end-of-run ``push_to_hub`` uploads: the adapter and the tokenizer unless the recipe asks for more.
+
+A run's ``output_dir`` also holds checkpoints, a merged model, a config-built ``base_model/``, probe logits and a
+summary with this machine's absolute paths: none of that is uploaded unless ``hub_upload`` names it. The Trainer's
+model card (``README.md``) always goes. Checkpoint uploads during training are the Trainer's, as ``hub_strategy``
+says.
+"""
+
+from __future__ import annotations
+
+from ..export.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGED_DIR, PROBE_FILE, SINGLE_FACTOR_DIR, SUMMARY_FILE
+
+__all__ = ["HUB_PATTERNS", "hub_patterns"]
+
+# files tokenizers' save_pretrained writes (any of them may be absent)
+_TOKENIZER = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+]
+HUB_PATTERNS = {
+    "adapter": [ADAPTER_CONFIG, ADAPTER_WEIGHTS],
+    "tokenizer": _TOKENIZER,
+    "single_factor": [f"{SINGLE_FACTOR_DIR}/*"],
+    "merged": [f"{MERGED_DIR}/*"],
+    "probe": [PROBE_FILE],
+    "summary": [SUMMARY_FILE],
+}
+
+
+def hub_patterns(parts: list[str]) -> list[str]:
+    """``allow_patterns`` for ``huggingface_hub.upload_folder`` covering ``parts`` (and the model card)."""
+    patterns = ["README.md"]
+    for part in parts:
+        patterns += HUB_PATTERNS[part]
+    return patterns

@@ -1,0 +1,134 @@
+"""Recipes through the command line under real multi-process launches (gloo on 127.0.0.1, 2 ranks each):
+
+- DDP with torch.distributed.run: SFT, then DPO from its adapter;
+- DeepSpeed ZeRO-3 with accelerate and integrations/accelerate/zero3.yaml: SFT, then DPO from its adapter;
+- accelerate with integrations/accelerate/ddp.yaml and zero2.yaml: SFT;
+- two simulated nodes (two torch.distributed.run launchers, --nnodes 2, one rank each): SFT;
+- FSDP2 on the CPU (torch.distributed.run with the recipe option fsdp2_pre_shard): SFT, then DPO.
+
+Every exported adapter is reloaded with stock PEFT (and the merged model with transformers) in a fresh process and
+must reproduce the logits the training run computed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from boft_plugin.export.verify import verify_in_fresh_process
+from boft_plugin.runtime.launchers import accelerate_cmd, cpu_env, free_port, run, torchrun_cmd
+from boft_plugin.testing.paths import REPO
+from boft_plugin.testing.recipes import tiny_recipe, write_recipe, write_tiny_data
+
+CONFIGS = REPO / "integrations" / "accelerate"
+LAUNCH_TIMEOUT = 420  # DeepSpeed's first run compiles a small extension (~65 s)
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(1200)]
+
+
+def summary(output_dir: Path) -> dict:
+    return json.loads((output_dir / "boft_run_summary.json").read_text())
+
+
+def cli(task: str, recipe: str) -> list[str]:
+    return ["boft_plugin", task, "--config", recipe]
+
+
+def launch_torchrun(task: str, recipe: str, what: str) -> None:
+    cmd = torchrun_cmd(cli(task, recipe), nproc_per_node=2, module=True)
+    run(cmd, timeout=LAUNCH_TIMEOUT, env=cpu_env(), cwd=str(REPO)).check(what)
+
+
+def launch_accelerate(config: str, task: str, recipe: str, what: str) -> None:
+    cmd = accelerate_cmd(str(CONFIGS / config), ["-m", *cli(task, recipe)], num_processes=2)
+    run(cmd, timeout=LAUNCH_TIMEOUT, env=cpu_env(), cwd=str(REPO)).check(what)
+
+
+def check_reloads(*output_dirs: Path) -> None:
+    for report in verify_in_fresh_process(*output_dirs, timeout=300):
+        assert report["ok"], report
+        assert report["n_butterfly_factor"] == 2
+        assert report["oracle_rel_err"] < 1e-5
+        if "merged_rel_err" in report:
+            assert report["merged_rel_err"] < 1e-5
+
+
+def sft_then_dpo(tmp_path: Path, launch, dpo_extra: dict | None = None, **sft_extra) -> tuple[dict, dict]:
+    data = write_tiny_data(tmp_path / "data")
+    sft_out, dpo_out = tmp_path / "sft", tmp_path / "dpo"
+    sft = write_recipe(tmp_path / "sft.yaml", tiny_recipe("sft", sft_out, data, export_merged=True, **sft_extra))
+    dpo = write_recipe(
+        tmp_path / "dpo.yaml", tiny_recipe("dpo", dpo_out, data, init_adapter=str(sft_out), **(dpo_extra or {}))
+    )
+    launch("sft", sft)
+    launch("dpo", dpo)
+    sft_summary, dpo_summary = summary(sft_out), summary(dpo_out)
+    assert sft_summary["world_size"] == dpo_summary["world_size"] == 2  # really distributed, not 2 lone ranks
+    assert sft_summary["eval_last"]["eval_loss"] < sft_summary["eval_first"]["eval_loss"]
+    margins = dpo_summary["eval_margins"]
+    assert margins[0][1] == 0.0 and margins[-1][1] > 0.0  # reference == SFT adapter at the start; margin rises
+    check_reloads(sft_out, dpo_out)
+    return sft_summary, dpo_summary
+
+
+def test_ddp_torchrun_sft_then_dpo(tmp_path):
+    sft_then_dpo(tmp_path, lambda task, recipe: launch_torchrun(task, recipe, f"DDP {task}"))
+
+
+def test_zero3_accelerate_sft_then_dpo(tmp_path):
+    from safetensors.torch import load_file
+
+    sft, _ = sft_then_dpo(
+        tmp_path,
+        lambda task, recipe: launch_accelerate("zero3.yaml", task, recipe, f"ZeRO-3 {task}"),
+        save_strategy="steps",
+        save_steps=3,
+    )
+    # the Trainer's own ZeRO-3 checkpoint holds gathered adapter tensors (stage3_gather_16bit_weights_on_model_save)
+    final = load_file(tmp_path / "sft" / "adapter_model.safetensors")
+    checkpoint = load_file(tmp_path / "sft" / "checkpoint-3" / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in checkpoint.items()} == {k: v.shape for k, v in final.items()}
+    assert all(v.numel() > 0 for v in checkpoint.values())
+
+
+def test_accelerate_ddp_and_zero2_sft(tmp_path):
+    data = write_tiny_data(tmp_path / "data")
+    outputs = []
+    for config in ("ddp.yaml", "zero2.yaml"):
+        out = tmp_path / config.split(".")[0]
+        recipe = write_recipe(tmp_path / f"{out.name}.yaml", tiny_recipe("sft", out, data))
+        launch_accelerate(config, "sft", recipe, f"accelerate {config}")
+        assert summary(out)["world_size"] == 2
+        outputs.append(out)
+    ddp, zero2 = (summary(out)["train_loss"] for out in outputs)
+    assert [step for step, _ in ddp] == [step for step, _ in zero2]
+    assert all(abs(a - b) < 1e-3 for (_, a), (_, b) in zip(ddp, zero2))  # same global batch, same losses
+    check_reloads(*outputs)
+
+
+def test_two_simulated_nodes_sft(tmp_path):
+    data = write_tiny_data(tmp_path / "data")
+    out = tmp_path / "sft"
+    recipe = write_recipe(tmp_path / "sft.yaml", tiny_recipe("sft", out, data))
+    port = free_port()
+    nodes = [
+        torchrun_cmd(cli("sft", recipe), nproc_per_node=1, nnodes=2, node_rank=rank, master_port=port, module=True)
+        for rank in (0, 1)
+    ]
+    run(nodes, timeout=LAUNCH_TIMEOUT, env=cpu_env(), cwd=str(REPO)).check("two-node SFT")
+    assert summary(out)["world_size"] == 2
+    check_reloads(out)
+
+
+def test_fsdp2_pre_shard_torchrun_sft_then_dpo(tmp_path):
+    """The CPU route to FSDP2: torch.distributed.run + fsdp2_pre_shard (accelerate's FSDP does not run on the CPU).
+
+    DPO adds the reference adapter before sharding (FSDP2 cannot take adapters added afterwards)."""
+    sft_then_dpo(
+        tmp_path,
+        lambda task, recipe: launch_torchrun(task, recipe, f"FSDP2 {task}"),
+        fsdp2_pre_shard=True,
+        dpo_extra={"fsdp2_pre_shard": True},
+    )
