@@ -52,8 +52,9 @@ def _describe(name: str, param: nn.Parameter, geometry, block_major: bool) -> Sh
         local = param.to_local()
         mesh = param.device_mesh
         if block_major:  # (N, m, b, b) sharded on dim 0: rows of whole blocks, ceil(N / W) per rank
-            chunk = -(-n_blocks // mesh.size())
-            start = min(mesh.get_local_rank() * chunk, n_blocks)
+            shard_dim = mesh.ndim - 1  # HSDP: (replicate, shard); the blocks are split along the last dim
+            chunk = -(-n_blocks // mesh.size(shard_dim))
+            start = min(mesh.get_local_rank(shard_dim) * chunk, n_blocks)
             stop = start + local.shape[0]
             whole_effective = _aligned(start, stop, n_blocks, per_effective)
         else:

@@ -196,9 +196,17 @@ class RecipeOptions:
     fsdp2_pre_shard: bool = field(
         default=False,
         metadata={
-            "help": "Shard the adapted model with FSDP2 (boft_plugin.distributed.fsdp.shard_for_fsdp2) before the "
+            "help": "Shard the adapted model with FSDP2 (boft_plugin.distributed.fsdp2.shard_for_fsdp2) before the "
             "trainer wraps it: the FSDP2 route on the CPU under torch.distributed.run, where accelerate's FSDP "
             "plugin does not run."
+        },
+    )
+    fsdp2_hsdp: bool = field(
+        default=False,
+        metadata={
+            "help": "With fsdp2_pre_shard on several nodes: HSDP, each parameter sharded within a node and replicated "
+            "across nodes (a 2-D mesh of nodes x LOCAL_WORLD_SIZE ranks): the per-block all-gathers stay on the "
+            "node's links, the gradients cross nodes once per step. Without it the mesh is flat."
         },
     )
     probe_text: str | None = field(

@@ -7,13 +7,13 @@ decides what to resume from; it writes nothing. The :class:`RunPlan` it returns 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .checkpoints.resume import ResumePlan, agreed_resume_plan
 from .data import is_conversational_dataset, load_recipe_data
 from .data_order import check_data_order
-from .engine_choice import engine_of
+from .engine_choice import engine_for, engine_of
 from .geometry_check import check_geometry
 from .model_source import (
     ModelSource,
@@ -58,10 +58,17 @@ class RunPlan:
     eval_dataset: Any
     engine: str
     resume: ResumePlan
+    _engine: Any = field(default=None, init=False, repr=False)
 
     @property
     def base_model_path(self) -> str:
         return self.source.path
+
+    def engine_object(self):
+        """The engine (``boft_plugin.distributed``) that places this run's model; made once."""
+        if self._engine is None:
+            self._engine = engine_for(self.engine, self.recipe.training, self.recipe.options)
+        return self._engine
 
 
 def _length(dataset) -> int | None:

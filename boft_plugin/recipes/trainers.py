@@ -7,8 +7,8 @@
 - ``resume_from_checkpoint`` resolved by ``checkpoints.resume.plan_resume`` (the newest complete checkpoint, the
   run's own unfinished ones removed, anything else it would write over refused), and DeepSpeed checkpoints written
   by another number of ranks loaded through the universal format;
-- under FSDP2 pre-sharding, Trainer checkpoints through ``torch.distributed.checkpoint`` (``dcp_checkpoints``)
-  and the end-of-run ``save_model`` as a gathered PEFT adapter;
+- the engine's own hooks (``boft_plugin.distributed``): under FSDP2 pre-sharding Trainer checkpoints through
+  ``torch.distributed.checkpoint`` and the end-of-run ``save_model`` as a gathered PEFT adapter;
 - under accelerate's FSDP plugin (GPUs), ``boft_R`` held block-major so that FSDP2 shards whole blocks;
 - with ``data_order.WorldSizeInvariantDataMixin``: the rows of each optimizer step do not depend on the number of
   ranks (``data_order_tail`` says what happens to an epoch's last partial global batch).
@@ -22,13 +22,19 @@ from pathlib import Path
 
 from trl import DPOTrainer, SFTTrainer
 
-from ..distributed.fsdp import is_fsdp2_sharded, store_block_major
+from ..distributed.engine import Engine
+from ..distributed.fsdp2.shard import is_fsdp2_sharded, store_block_major
 from ..runtime.ranks import barrier, world_size
 from .callbacks import LogMemory, ReleaseFreedMemory, SyncReferenceAdapter
-from .checkpoints import dcp as dcp_checkpoints
-from .checkpoints.markers import begin_checkpoint, complete_checkpoint, is_checkpoint_writer, rotate
+from .checkpoints.markers import (
+    begin_checkpoint,
+    complete_checkpoint,
+    is_checkpoint_writer,
+    resign,
+    rotate,
+    written_by_world_size,
+)
 from .checkpoints.resume import ResumePlan, agreed_resume_plan, carry_out
-from .checkpoints.universal import prepare_deepspeed_resume
 from .data_order import WorldSizeInvariantDataMixin
 from .dpo_reference import REFERENCE_ADAPTER
 
@@ -38,16 +44,24 @@ __all__ = ["BoftDPOTrainer", "BoftSFTTrainer", "BoftTrainerMixin"]
 class BoftTrainerMixin:
     """Put first in the bases of a transformers ``Trainer`` subclass (see the module docstring)."""
 
-    def __init__(self, *args, data_order_tail: str = "drop", resume_plan: ResumePlan | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        data_order_tail: str = "drop",
+        resume_plan: ResumePlan | None = None,
+        engine: Engine | None = None,
+        **kwargs,
+    ):
         self.data_order_tail = data_order_tail  # read by WorldSizeInvariantDataMixin when the loader is built
         self.boft_resume_plan = resume_plan  # decided before loading (train.prepare), else in train()
         self.boft_lineage: str | None = None
         super().__init__(*args, **kwargs)
+        self.boft_engine = engine if engine is not None else _engine_of_trainer(self)
         # rotation happens after the completion marker (_save_checkpoint), so it only counts complete, own checkpoints
         self.boft_keep_checkpoints, self.args.save_total_limit = self.args.save_total_limit, None
         self.add_callback(LogMemory())
-        self.add_callback(ReleaseFreedMemory())
-        self.boft_fsdp2_pre_sharded = is_fsdp2_sharded(self.model)
+        if self.boft_engine.device().type == "cpu":  # glibc heap tuning helps CPU runs; GPU hosts keep defaults
+            self.add_callback(ReleaseFreedMemory())
         if getattr(self, "is_fsdp_enabled", False):  # accelerate's FSDP2 plugin shards every parameter on dim 0
             store_block_major(self.model)
 
@@ -56,8 +70,10 @@ class BoftTrainerMixin:
         self.boft_resume_plan = None  # carried out once; a later train() call decides again
         carry_out(plan, is_checkpoint_writer(self.args.save_on_each_node))
         self.boft_lineage = plan.lineage
-        prepare_deepspeed_resume(self, plan.checkpoint)
-        return super().train(plan.checkpoint, *args, **kwargs)
+        checkpoint = plan.checkpoint
+        written_by = written_by_world_size(checkpoint) if checkpoint else None
+        self.boft_engine.prepare_resume(self, checkpoint, written_by, after_convert=resign)
+        return super().train(checkpoint, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
         """The Trainer's checkpoint, marked started (pending) before anything is written and complete after every
@@ -76,7 +92,6 @@ class BoftTrainerMixin:
             rotate(self.args.output_dir, self.boft_keep_checkpoints, lineage)
         barrier()
 
-    # -- FSDP2 pre-sharded: checkpoints through torch.distributed.checkpoint ------------------------------------
     def push_to_hub(
         self,
         commit_message="End of training",
@@ -118,8 +133,9 @@ class BoftTrainerMixin:
             revision=revision if revision is not None else self.args.hub_revision,
         )
 
+    # -- engines that shard before the Trainer (FSDP2): their own checkpoint format ------------------------------
     def save_model(self, output_dir=None, _internal_call=False):
-        if not self.boft_fsdp2_pre_sharded:
+        if not self.boft_engine.shards_model:
             return super().save_model(output_dir, _internal_call)
         from ..export import export_adapter
 
@@ -127,21 +143,17 @@ class BoftTrainerMixin:
         return None
 
     def _save_optimizer_and_scheduler(self, output_dir):
-        if not self.boft_fsdp2_pre_sharded:
-            return super()._save_optimizer_and_scheduler(output_dir)
-        return dcp_checkpoints.save_sharded_state(self, output_dir)
+        if not self.boft_engine.save_state(self, output_dir):
+            super()._save_optimizer_and_scheduler(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if not self.boft_fsdp2_pre_sharded:
+        if not self.boft_engine.shards_model:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        return None  # the adapter comes back with the optimizer, from the sharded state (below)
+        return None  # the adapter comes back with the optimizer, from the engine's state (below)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        if not self.boft_fsdp2_pre_sharded:
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None:
-            dcp_checkpoints.load_sharded_state(self, checkpoint)
-        return None
+        if not self.boft_engine.load_state(self, checkpoint):
+            super()._load_optimizer_and_scheduler(checkpoint)
 
 
 class BoftSFTTrainer(BoftTrainerMixin, WorldSizeInvariantDataMixin, SFTTrainer):
@@ -162,8 +174,7 @@ class BoftDPOTrainer(BoftTrainerMixin, WorldSizeInvariantDataMixin, DPOTrainer):
         model = kwargs.get("model", args[0] if args else None)
         with _keep_existing_reference(model):
             super().__init__(*args, callbacks=callbacks, **kwargs)
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        self.boft_reference_first = plugin is not None and plugin.zero_stage == 3
+        self.boft_reference_first = self.boft_engine.name == "zero3"
 
     def _compute_loss(self, model, inputs, return_outputs):
         """Under ZeRO-3, the reference log-probs of a step are computed before its policy forward, not after it.
@@ -183,6 +194,22 @@ class BoftDPOTrainer(BoftTrainerMixin, WorldSizeInvariantDataMixin, DPOTrainer):
             return super()._compute_loss(model, inputs, return_outputs)
         finally:
             self.precompute_ref_logps = False
+
+
+def _engine_of_trainer(trainer) -> Engine:
+    """The engine of a trainer built without one (a user's own script): read from what accelerate set up."""
+    from ..distributed.replicated import ReplicatedEngine
+
+    if is_fsdp2_sharded(trainer.model):
+        from ..distributed.fsdp2 import FSDP2Engine
+
+        return FSDP2Engine()
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        from ..distributed.zero import ZeroEngine
+
+        return ZeroEngine(plugin.zero_stage)
+    return ReplicatedEngine("ddp" if trainer.args.world_size > 1 else "single")
 
 
 @contextlib.contextmanager

@@ -53,7 +53,7 @@ def wrap_for_engine(engine: str, model, lr: float, micro_batch: int = 1, world: 
     """
     engine_obj = None
     if engine == "fsdp2" or engine.startswith("fsdp2"):
-        from ..distributed.fsdp import shard_for_fsdp2
+        from ..distributed.fsdp2.shard import shard_for_fsdp2
 
         runner = shard_for_fsdp2(model)
         return runner, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr), None

@@ -80,7 +80,7 @@ class BoftTuner(BOFTModel):
             raise ShardingOrderError(
                 "cannot add a BOFT adapter to a model already sharded with FSDP2 (fully_shard): the new adapter "
                 "parameters would not be managed by FSDP and would drift apart across ranks without any error. "
-                "Add the adapter first, then shard with boft_plugin.distributed.fsdp.shard_for_fsdp2(model)."
+                "Add the adapter first, then shard with boft_plugin.distributed.fsdp2.shard_for_fsdp2(model)."
             )
         adapter_name = getattr(self, "_adapter_being_injected", "default")
         check_targets(model, peft_config, adapter_name=adapter_name)

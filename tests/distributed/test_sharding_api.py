@@ -7,7 +7,7 @@ from peft import BOFTConfig, get_peft_model
 from safetensors.torch import load_file
 
 import boft_plugin
-from boft_plugin.distributed.fsdp import ShardingOrderError, shard_for_fsdp2
+from boft_plugin.distributed.fsdp2.shard import ShardingOrderError, shard_for_fsdp2
 from boft_plugin.distributed.report import adapter_shards, format_shards
 from boft_plugin.runtime.launchers import free_port
 from boft_plugin.toy.models import tiny_llama
@@ -72,7 +72,7 @@ def test_plain_save_pretrained_of_sharded_adapter_is_refused(registered, one_ran
 
 def test_block_major_adapter_saves_and_loads_in_peft_layout(registered, tmp_path):
     """Any PEFT save of a block-major (FSDP2-layout) adapter writes (m, N, b, b); loading transposes back."""
-    from boft_plugin.distributed.fsdp import boft_layers
+    from boft_plugin.distributed.fsdp2.shard import boft_layers
 
     model = _adapted()
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -94,7 +94,7 @@ def test_block_major_adapter_saves_and_loads_in_peft_layout(registered, tmp_path
 def test_every_block_major_adapter_of_a_layer_exports_in_peft_layout(registered, one_rank_group, tmp_path):
     """DPO's policy and reference adapters share each layer; both are stored block-major and both must be
     written in PEFT's (m, N, b, b) layout, by the exporter and by a plain save."""
-    from boft_plugin.distributed.fsdp import boft_layers
+    from boft_plugin.distributed.fsdp2.shard import boft_layers
 
     model = _adapted()
     model.add_adapter("reference", BOFTConfig(**CONFIG))

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from peft import BOFTConfig, get_peft_model
 
 import boft_plugin
-from boft_plugin.distributed.fsdp import shard_for_fsdp2
+from boft_plugin.distributed.fsdp2.shard import shard_for_fsdp2
 from boft_plugin.export import merged
 from boft_plugin.runtime.process_exit import exit_after_distributed_run
 from boft_plugin.toy.models import tiny_llama

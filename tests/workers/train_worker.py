@@ -37,7 +37,7 @@ def parse() -> argparse.Namespace:
 
 def materialize_from_meta(model, base_dir: str) -> None:
     """The FSDP2 meta-device route of the README: each rank reads its own shards from the safetensors files."""
-    from boft_plugin.distributed.fsdp_loading import load_sharded_base_weights
+    from boft_plugin.distributed.fsdp2.loading import load_sharded_base_weights
 
     load_sharded_base_weights(model, base_dir)
 

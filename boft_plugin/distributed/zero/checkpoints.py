@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from ...errors import RecipeError
 from ...runtime.atomic import atomic_directory, atomic_write_text
 from ...runtime.ranks import barrier, log, rank, world_size
-from .markers import resign, written_by_world_size
 
 
-def _convert_to_universal(checkpoint: Path, tag: str) -> None:
+def _convert_to_universal(checkpoint: Path, tag: str, after: Callable[[Path], None] | None) -> None:
     """Rank 0: ``checkpoint/<tag>`` -> ``checkpoint/<tag>_universal`` (written atomically), then
     ``latest_universal`` naming it (what DeepSpeed reads when ``load_universal`` is on)."""
     final = checkpoint / f"{tag}_universal"
@@ -25,7 +25,8 @@ def _convert_to_universal(checkpoint: Path, tag: str) -> None:
         with atomic_directory(final) as staging:
             _run_ds_to_universal(checkpoint / tag, staging)
     atomic_write_text(checkpoint / "latest_universal", final.name)
-    resign(checkpoint)  # the checkpoint now holds the universal form too, written here from its own signed files
+    if after is not None:
+        after(checkpoint)
 
 
 def _run_ds_to_universal(source: Path, output: Path) -> None:
@@ -55,18 +56,20 @@ def _ranks(count: int) -> str:
     return f"{count} rank" if count == 1 else f"{count} ranks"
 
 
-def prepare_deepspeed_resume(trainer, checkpoint: str | None) -> None:
+def prepare_universal_resume(
+    trainer, checkpoint: str | None, written_by: int | None, after_convert: Callable[[Path], None] | None = None
+) -> None:
     """Let a DeepSpeed run resume from a checkpoint written by a different number of ranks.
 
     A ZeRO checkpoint holds one optimizer partition per rank and DeepSpeed refuses to load it on another world
     size. Rank 0 converts it once to DeepSpeed's universal format (per-parameter fp32 weights and optimizer
     moments, written next to the original, which is left untouched) and the engine is told to load that; the
     Trainer then resumes as usual (scheduler, RNG, data position). Same world size: nothing to do.
-    Call before ``trainer.train``; collective (every rank calls it).
+    ``written_by``: how many ranks wrote ``checkpoint`` (None: unknown, loaded as it is); ``after_convert`` runs on
+    rank 0 once the universal form was written into the checkpoint. Call before ``trainer.train``; collective.
     """
     if checkpoint is None or not getattr(trainer, "is_deepspeed_enabled", False):
         return
-    written_by = written_by_world_size(checkpoint)
     if written_by is None or written_by == world_size():
         return
     checkpoint = Path(checkpoint)
@@ -79,7 +82,7 @@ def prepare_deepspeed_resume(trainer, checkpoint: str | None) -> None:
         "DeepSpeed's universal checkpoint format"
     )
     if rank() == 0:
-        _convert_to_universal(checkpoint, tag)
+        _convert_to_universal(checkpoint, tag, after_convert)
     barrier()
     plugin = trainer.accelerator.state.deepspeed_plugin
     plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True

@@ -15,9 +15,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..errors import ShardingOrderError
-from ..tuner.layer import BoftLayer
-from ..tuner.model import is_fsdp2_sharded
+from ...errors import ShardingOrderError
+from ...tuner.layer import BoftLayer
+from ...tuner.model import is_fsdp2_sharded
 
 __all__ = [
     "ShardingOrderError",
@@ -44,6 +44,36 @@ def _block_modules(model: nn.Module, block_classes: Iterable[str] | None) -> lis
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
+def device_mesh(replicas: int = 1):
+    """The data-parallel mesh over every rank, on this rank's device type (:func:`..engine.rank_device`).
+
+    ``replicas`` > 1 gives HSDP: a 2-D ``("replicate", "shard")`` mesh, each parameter sharded within a group of
+    ``world / replicas`` ranks (one node: its all-gathers stay on the node's fast links) and replicated across the
+    groups (the gradients are all-reduced across nodes once per step).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ...runtime.ranks import world_size
+    from ..engine import rank_device
+
+    device_type = rank_device().type
+    world = world_size()
+    if replicas <= 1:
+        return init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
+    if world % replicas:
+        raise ValueError(f"HSDP: {world} ranks do not split into {replicas} replica groups")
+    return init_device_mesh(device_type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
+
+
+def adapter_policy(mp_policy):
+    """The policy of the adapter's own units: the base's reduce dtype, but parameters kept float32 (see below)."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    reduce = mp_policy.reduce_dtype if mp_policy is not None else None
+    return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=reduce or torch.float32, cast_forward_inputs=False)
+
+
 def shard_for_fsdp2(
     model: nn.Module,
     mesh=None,
@@ -53,6 +83,7 @@ def shard_for_fsdp2(
     offload_policy=None,
     block_classes: Iterable[str] | None = None,
     separate_embeddings: bool = True,
+    float32_adapters: bool = True,
 ) -> nn.Module:
     """Apply ``fully_shard`` to each transformer block, to the input and output embeddings, and to the root of a
     BOFT-adapted model, in place.
@@ -64,12 +95,19 @@ def shard_for_fsdp2(
 
     Args:
         model: the ``PeftModel`` (or a module containing our BOFT layers).
-        mesh: a 1-D device mesh (default: FSDP2's, over the default process group).
+        mesh: a 1-D device mesh, or 2-D for HSDP (default: :func:`device_mesh`, over every rank on this rank's
+            device type: an accelerator's mesh is never left for FSDP2 to guess while the loaders use another).
         block_classes: class names of the blocks to shard separately (default: ``_no_split_modules``).
         separate_embeddings: give untied input / output embeddings their own FSDP2 units. In the root unit they
             stay gathered for the whole forward (2 x 0.25 GiB for a 0.9B Llama: measured, docs/design.md);
             as their own units each is gathered only around its use. Tied embeddings stay in the root (one
             parameter cannot be in two units).
+        float32_adapters: when ``mp_policy`` computes in a lower precision (``param_dtype`` bf16/fp16), give every
+            block's BOFT tensors a unit of their own kept in float32 (one all-gather per block), and each adapted
+            layer's base weight its own unit in ``param_dtype``: the forward sees float32 ``boft_R`` / ``boft_s``
+            (``bf16(1 + 3.9e-3) == 1``: a bf16 output scale would stand still for many steps while the float32
+            master moves). The cost is one base unit per adapted linear instead of one per block (more, smaller
+            all-gathers of the same bytes). Without a lower ``param_dtype`` nothing changes.
 
     Returns:
         ``model`` (now an ``FSDPModule``).
@@ -92,14 +130,31 @@ def shard_for_fsdp2(
         )
     store_block_major(model)
 
+    mesh = mesh if mesh is not None else device_mesh()
     kwargs = dict(
         mesh=mesh,
         reshard_after_forward=reshard_after_forward,
         mp_policy=mp_policy or MixedPrecisionPolicy(),
         offload_policy=offload_policy or OffloadPolicy(),
     )
-    for block in _block_modules(model, block_classes):
+    lower = mp_policy is not None and mp_policy.param_dtype not in (None, torch.float32, torch.float64)
+    separate_adapters = float32_adapters and lower
+    adapter_kwargs = dict(kwargs, mp_policy=adapter_policy(mp_policy), reshard_after_forward=False)
+    blocks = _block_modules(model, block_classes)
+    for block in blocks:
+        inside = [m for m in block.modules() if isinstance(m, BoftLayer)]
+        if separate_adapters and inside:
+            for layer in inside:  # bottom-up: the base weight first, so the adapter unit holds the adapter alone
+                fully_shard(layer.get_base_layer(), **kwargs)
+            fully_shard(inside, **adapter_kwargs)
         fully_shard(block, **kwargs)
+    if separate_adapters:
+        in_blocks = {id(m) for block in blocks for m in block.modules()}
+        outside = [m for m in layers if id(m) not in in_blocks]
+        if outside:
+            for layer in outside:
+                fully_shard(layer.get_base_layer(), **kwargs)
+            fully_shard(outside, **adapter_kwargs)
     if separate_embeddings:
         for module in _untied_embeddings(model):
             fully_shard(module, **kwargs)

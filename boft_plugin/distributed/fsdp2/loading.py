@@ -4,7 +4,7 @@ The order (docs/design.md, "Engines"), used by the recipes' ``fsdp2_pre_shard`` 
 
 1. build the transformers model on the meta device (no memory, no random init);
 2. add the BOFT adapter(s) (``boft_plugin.register()``; ``get_peft_model``) - still on meta;
-3. shard with :func:`boft_plugin.distributed.fsdp.shard_for_fsdp2` (parameters become meta DTensors);
+3. shard with :func:`boft_plugin.distributed.fsdp2.shard_for_fsdp2` (parameters become meta DTensors);
 4. :func:`load_sharded_base_weights`: ``to_empty`` allocates only the local shards, each rank reads its part of every
    base tensor straight from the safetensors files (one tensor slice at a time, one file open at a time), the
    non-persistent buffers (rotary ``inv_freq``) are recomputed, and the adapter is initialised as its config says;
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .checkpoint_files import CheckpointIndex, match_checkpoint_keys, read_slice
+from ..checkpoint_files import CheckpointIndex, match_checkpoint_keys, read_slice
 
 __all__ = [
     "LoadReport",
@@ -42,12 +42,27 @@ class LoadReport:
     seconds: float = 0.0
 
 
+def mesh_device(model: nn.Module) -> torch.device:
+    """The device FSDP2 communicates on for ``model``: its mesh's device type at this rank's current index (the CPU
+    for an unsharded model on a machine without an accelerator)."""
+    from torch.distributed.tensor import DTensor
+
+    from ..engine import rank_device
+
+    mesh = next((p.device_mesh for p in model.parameters() if isinstance(p, DTensor)), None)
+    if mesh is None:
+        return rank_device()
+    if mesh.device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(mesh.device_type, torch.accelerator.current_device_index())
+
+
 def _local_index(tensor: Tensor) -> tuple[tuple[slice, ...], Tensor]:
     """(global index of this rank's shard, the local tensor to fill) for a DTensor or a plain tensor."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(tensor, DTensor):
-        from ..runtime.upstream import compute_local_shape_and_global_offset
+        from ...runtime.upstream import compute_local_shape_and_global_offset
 
         shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
         return tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True)), tensor.to_local()
@@ -114,7 +129,7 @@ def load_sharded_base_weights(
     model: nn.Module,
     checkpoint_dir: str | os.PathLike,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     reset_adapter: bool = True,
     strict: bool = True,
 ) -> LoadReport:
@@ -127,7 +142,8 @@ def load_sharded_base_weights(
     Args:
         model: the ``PeftModel`` (or plain model) after ``shard_for_fsdp2``, parameters on the meta device.
         checkpoint_dir: a Hugging Face checkpoint directory (``model.safetensors`` or sharded with an index).
-        device: where to materialise (``"cpu"``, or the rank's accelerator).
+        device: where to materialise; default: the device of the model's FSDP2 mesh (its device type, this rank's
+            current device index), which is where FSDP2 will all-gather.
         reset_adapter: re-initialise the BOFT adapters as their config says (``reset_adapter_parameters``).
         strict: raise if a base parameter or persistent buffer has no tensor in the checkpoint.
 
@@ -150,6 +166,8 @@ def load_sharded_base_weights(
         if leaf in module._non_persistent_buffers_set and buffer.device.type != "meta":
             saved[name] = buffer.detach().clone()
 
+    if device is None:
+        device = mesh_device(model)
     model.to_empty(device=device)
 
     match = match_checkpoint_keys(model, index, prefix, skip=_is_adapter_tensor)
@@ -175,8 +193,11 @@ def load_sharded_base_weights(
                     del value
 
     report.buffers_recomputed = restore_non_persistent_buffers(model, saved)
+    from ..engine import check_placement
+
+    check_placement(model, torch.device(device))
     if reset_adapter:
-        from .fsdp import reset_adapter_parameters
+        from .shard import reset_adapter_parameters
 
         reset_adapter_parameters(model)
     report.seconds = time.time() - started

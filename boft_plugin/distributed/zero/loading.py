@@ -18,20 +18,30 @@ import time
 import torch
 from torch import nn
 
-from .checkpoint_files import CheckpointIndex, match_checkpoint_keys, read_flat_range
+from ..checkpoint_files import CheckpointIndex, match_checkpoint_keys, read_flat_range
 
 __all__ = ["empty_zero3_model", "load_zero3_partitions"]
 
 
-def empty_zero3_model(model_class, config, dtype):
+def _from_config(model_class, config, dtype, attn_implementation):
+    """transformers' own route: ``from_config`` under the active ``zero.Init`` (partitioned, initialised)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def empty_zero3_model(model_class, config, dtype, attn_implementation: str | None = None):
     """``model_class(config)`` built under ``zero.Init`` with nothing initialised and nothing communicated.
 
     transformers' own ``from_config`` under ZeRO-3 broadcasts every parameter's (uninitialised) bytes from rank 0 while
     constructing, then gathers every module to initialise it on rank 0 and broadcasts it again: three passes of the
     whole model through the network, for values :func:`load_zero3_partitions` overwrites right after (measured: about
     20 s of a 21 s load of a 0.9B model on 2 CPU ranks). Here every parameter is only partitioned. Falls back to
-    ``from_config`` if transformers' or DeepSpeed's construction helpers are not the ones this was written for
-    (transformers 5.24, DeepSpeed 0.19). The caller must load every parameter afterwards.
+    ``from_config`` (slower, same result) if transformers' or DeepSpeed's construction helpers are not the ones this
+    was written for (transformers 5.24, DeepSpeed 0.19). The caller must load every parameter afterwards.
     """
     import deepspeed
     from transformers.integrations.deepspeed import deepspeed_config
@@ -42,9 +52,9 @@ def empty_zero3_model(model_class, config, dtype):
         from transformers.modeling_utils import ContextManagers, local_torch_dtype, set_zero3_state
         from transformers.monkey_patching import apply_patches, patch_output_recorders
     except ImportError:
-        return None
+        return _from_config(model_class, config, dtype, attn_implementation)
     if not callable(getattr(deepspeed.zero.Init, "_convert_to_deepspeed_param", None)):
-        return None
+        return _from_config(model_class, config, dtype, attn_implementation)
 
     class PartitionOnlyInit(deepspeed.zero.Init):
         def _zero_init_param(self, param):  # DeepSpeed broadcasts rank 0's bytes first: not needed, all is loaded
@@ -52,6 +62,8 @@ def empty_zero3_model(model_class, config, dtype):
             param.partition()
 
     config.dtype = dtype
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
     contexts = [
         apply_patches(),
         local_torch_dtype(dtype, model_class.__name__),
