@@ -57,3 +57,19 @@ def stock_peft_boft(multi_factor: bool = True) -> Iterator[None]:
                 del peft_boft_layer.FastBlockDiag.apply
             else:
                 peft_boft_layer.FastBlockDiag.apply = previous_apply
+
+
+@contextmanager
+def stock_peft_as_installed() -> Iterator[None]:
+    """Within this context PEFT's own ``BOFTModel`` builds BOFT adapters exactly as shipped: nothing patched, so on
+    a CUDA machine PEFT tries to build ``fbd_cuda`` itself and falls back to one factor when that fails."""
+    from peft.tuners.boft.model import BOFTModel
+    from peft.utils import PeftType
+
+    mapping = _mapping()
+    previous_tuner = mapping[PeftType.BOFT]
+    mapping[PeftType.BOFT] = BOFTModel
+    try:
+        yield
+    finally:
+        mapping[PeftType.BOFT] = previous_tuner

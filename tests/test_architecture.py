@@ -32,6 +32,7 @@ RECIPE_LAYERS = {
     "checkpoints": 0,
     "data": 0,
     "data_order": 0,
+    "deepspeed_precision": 0,
     "dpo_reference": 0,
     "engine_choice": 0,
     "hub": 0,

@@ -27,7 +27,7 @@ from ..runtime.ranks import local_rank
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["AdapterRequest", "BaseModelSpec", "Engine", "check_placement", "rank_device"]
+__all__ = ["AdapterRequest", "BaseModelSpec", "Engine", "check_placement", "float32_adapters", "rank_device"]
 
 
 def rank_device() -> torch.device:
@@ -47,6 +47,26 @@ def check_placement(model: nn.Module, device: torch.device) -> None:
         local = tensor.to_local() if hasattr(tensor, "to_local") else getattr(tensor, "ds_tensor", tensor)
         if local.device.type != device.type or (device.index is not None and local.device.index != device.index):
             raise RuntimeError(f"{name} is on {local.device}, this rank's device is {device}")
+
+
+def float32_adapters(model: nn.Module) -> int:
+    """Make every bf16/fp16 ``boft_R`` / ``boft_s`` a float32 parameter, in place; returns how many changed.
+
+    PEFT gives a new adapter the base weight's dtype and brings it back to float32 only with
+    ``autocast_adapter_dtype=True``, which TRL turns off under ZeRO-3; a bf16 ``boft_s`` cannot move by less than
+    2**-8 (``bf16(1 + 3.9e-3) == 1``). Call before the optimizer is built.
+    """
+    changed = 0
+    for module in model.modules():
+        for attribute in ("boft_R", "boft_s"):
+            parameters = getattr(module, attribute, None)
+            if not isinstance(parameters, nn.ParameterDict):
+                continue
+            for name, tensor in list(parameters.items()):
+                if tensor.dtype in (torch.float16, torch.bfloat16):
+                    parameters[name] = nn.Parameter(tensor.float(), requires_grad=tensor.requires_grad)
+                    changed += 1
+    return changed
 
 
 @dataclass(frozen=True)
@@ -101,6 +121,9 @@ class Engine:
 
         model = PeftModel.from_pretrained(model, request.init_adapter, is_trainable=True)
         return model, None
+
+    def after_wrap(self, model: nn.Module) -> None:
+        """The trainer has wrapped the model (TRL added the adapter); nothing is prepared yet."""
 
     def save_state(self, trainer, output_dir: str) -> bool:
         """Write the trainer's model and optimizer state in the engine's format; False: the Trainer's own."""

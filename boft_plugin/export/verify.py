@@ -68,6 +68,41 @@ def _stock_logits(adapter_dir: Path, base: str, input_ids, multi_factor: bool):
     return logits, factors, f"{type(layer).__module__}.{type(layer).__name__}"
 
 
+def _stock_on_cuda(adapter_dir: Path, base: str, input_ids, expected, factors: int) -> dict:
+    """Stock PEFT unpatched on CUDA tensors: whether its extension built (``extension``: ``built``, ``fell back
+    to one factor`` or ``failed``), and its logits against ours."""
+    import torch
+    from peft import PeftModel
+
+    from ..stock_peft import stock_peft_as_installed
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    try:
+        with stock_peft_as_installed():
+            model = PeftModel.from_pretrained(_load_base(base, adapter_dir).to(device), str(adapter_dir)).eval()
+            layer = next(m for m in model.modules() if hasattr(m, "boft_R") and len(m.boft_R))
+            with torch.no_grad():
+                logits = model(input_ids=input_ids.to(device)).logits.float().cpu()
+    except Exception as err:  # noqa: BLE001 - whatever stock PEFT raises is the finding
+        from peft.tuners.boft import layer as peft_boft_layer
+
+        # PEFT caches a built extension; None after the attempt: it did not build and PEFT went to one factor
+        fell_back = peft_boft_layer._FBD_CUDA is None and factors > 1
+        return {
+            "extension": "fell back to one factor" if fell_back else "failed",
+            "loads": False,
+            "note": _first_line(err),
+        }
+    built = bool(getattr(layer, "fbd_cuda_available", False))
+    got = int(next(iter(layer.boft_R.values())).shape[0])
+    return {
+        "extension": "built" if built else "fell back to one factor",
+        "loads": True,
+        "factors": got,
+        "rel_err": max_relative_error(logits, expected),
+    }
+
+
 def _as_installed(adapter_dir: Path, base: str, input_ids, expected, config: dict) -> dict:
     """Stock PEFT exactly as it behaves here (see the module docstring)."""
     import torch
@@ -75,12 +110,8 @@ def _as_installed(adapter_dir: Path, base: str, input_ids, expected, config: dic
     has_extension_route = torch.cuda.is_available()
     factors = int(config.get("boft_n_butterfly_factor") or 1)
     result: dict = {"machine": "CUDA available" if has_extension_route else "no CUDA: PEFT's fbd_cuda cannot build"}
-    if has_extension_route:  # PEFT builds its extension itself; let it
-        try:
-            logits, got, _ = _stock_logits(adapter_dir, base, input_ids, multi_factor=True)
-        except Exception as err:  # noqa: BLE001 - whatever stock PEFT raises is the finding
-            return {**result, "loads": False, "note": _first_line(err)}
-        return {**result, "loads": True, "factors": got, "rel_err": max_relative_error(logits, expected)}
+    if has_extension_route:  # PEFT builds its extension itself, unpatched, on this machine's GPU
+        return {**result, **_stock_on_cuda(adapter_dir, base, input_ids, expected, factors)}
     try:  # without CUDA PEFT falls back to one factor; this runs that fallback without its failing build attempt
         logits, got, _ = _stock_logits(adapter_dir, base, input_ids, multi_factor=False)
     except Exception as err:  # noqa: BLE001

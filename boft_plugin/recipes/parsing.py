@@ -56,6 +56,7 @@ class Recipe:
     boft: BoftArguments
     options: RecipeOptions
     config_path: str | None = None
+    notes: tuple[str, ...] = ()  # what parsing changed on the user's behalf (logged by the run)
 
 
 def _dataclass_types(task: str) -> tuple[type, ...]:
@@ -190,7 +191,9 @@ def cpu_launch_defaults(merged: dict, args: Sequence[str]) -> dict:
     default ``bf16: true`` is refused ("Your setup doesn't support bf16/gpu"), and every rank of
     ``torch.distributed.run`` / ``accelerate launch`` (MULTI_GPU config) silently trains alone (world_size 1).
     Under DeepSpeed (which finds the CPU itself and which ``use_cpu`` would switch off) the ranks see world_size 1
-    unless ``ddp_backend`` names gloo, and bf16 is refused. Keys the recipe or the flags set are never changed.
+    unless ``ddp_backend`` names gloo, and DeepSpeed's own half-precision modes are refused (a recipe's ``bf16``
+    runs DeepSpeed's torch_autocast instead: :mod:`.deepspeed_precision`). Keys the recipe or the flags set are
+    never changed here.
     """
     if _has_accelerator():
         return {}
@@ -281,6 +284,9 @@ def parse_recipe(task: str, argv: Sequence[str] | None = None, config: dict | No
     env = merged.pop("env", None) or {}
     for key, value in env.items():
         os.environ[str(key)] = str(value)
+    from .deepspeed_precision import use_torch_autocast
+
+    autocast_note = use_torch_autocast(merged, args, _has_accelerator())
     merged.update(cpu_launch_defaults(merged, args))
     prefer_activation_checkpointing(merged, args)
     if merged:
@@ -296,9 +302,10 @@ def parse_recipe(task: str, argv: Sequence[str] | None = None, config: dict | No
     except (TypeError, ValueError) as err:
         if "doesn't support bf16/gpu" in str(err) and _deepspeed_requested(merged, args):
             raise RecipeError(
-                "recipe keys 'bf16' / 'fp16': transformers 5.24 refuses half precision with DeepSpeed on a machine "
-                "without GPUs (its remedy, use_cpu, turns DeepSpeed off); use bf16: false with DeepSpeed here, or "
-                "bf16 with DDP (autocast) or FSDP2 (fsdp2_pre_shard) on the CPU"
+                "DeepSpeed's own half-precision mode (a DeepSpeed config that enables bf16/fp16 itself, or recipe key "
+                "'fp16'): transformers 5.24 refuses it on a machine without GPUs (its remedy, use_cpu, turns DeepSpeed "
+                "off); use bf16: true with a config that leaves precision to the Trainer ('auto', as in "
+                "integrations/deepspeed/), which runs DeepSpeed's torch_autocast, or fp16/bf16 with DDP or FSDP2"
             ) from None
         raise RecipeError(f"invalid recipe for `boft-plugin {task}`: {err}") from err
     if remaining:
@@ -310,4 +317,5 @@ def parse_recipe(task: str, argv: Sequence[str] | None = None, config: dict | No
     _check_model_keys(model)
     _check_world_size(training)
     _check_report_to(training)
-    return Recipe(task, script, training, model, mixture, boft, options, config_path=config_path)
+    notes = (autocast_note,) if autocast_note else ()
+    return Recipe(task, script, training, model, mixture, boft, options, config_path=config_path, notes=notes)

@@ -100,6 +100,7 @@ def make_trainer(plan: RunPlan, built: Built):
         peft_config=built.peft_config,
         data_order_tail=recipe.options.data_order_tail,
         resume_plan=plan.resume,
+        engine=built.engine,
     )
     if recipe.task == "sft":
         return BoftSFTTrainer(**common)
@@ -129,7 +130,9 @@ def run(recipe, train_dataset=None, eval_dataset=None, end: bool = False) -> Run
         end: call ``trainer.end()`` at the end (trackers closed, process group destroyed), as TRL's scripts do.
     """
     started = time.time()
-    limit_heap_retention()  # freed weight-sized blocks go back to the OS (boft_plugin.runtime.process_memory)
+    limit_heap_retention()  # CPU-only hosts: freed weight-sized blocks go back to the OS (runtime.process_memory)
+    for note in recipe.notes:
+        log(note)
     with locked_output_dir(recipe.training), PhasePeaks() as peaks:  # per-phase peak memory, in the summary
         peaks.phase("prepare")
         plan = prepare(recipe, train_dataset, eval_dataset)
@@ -147,29 +150,13 @@ def run(recipe, train_dataset=None, eval_dataset=None, end: bool = False) -> Run
     return result
 
 
-def release_zero3_parameters(trainer) -> None:
-    """Wait for and release every ZeRO-3 parameter still gathered or in flight (prefetched by an engine).
-
-    After DPO with precomputed reference log-probs TRL keeps a second (inference) DeepSpeed engine on the same
-    model; a parameter it prefetched can still be in flight, and gathering it for export then fails with
-    "Cannot partition a param in flight".
-    """
-    engines = [getattr(trainer, "model_wrapped", None), getattr(trainer, "_precompute_engine", None)]
-    seen = set()
-    for engine in engines:
-        if engine is None or id(engine) in seen or not hasattr(engine, "empty_partition_cache"):
-            continue
-        seen.add(id(engine))
-        engine.empty_partition_cache()
-
-
 def finish(plan: RunPlan, trainer, built: Built, started: float | None = None, peaks: PhasePeaks | None = None):
     """End of run on every rank: export the adapter with the tokenizer, single-factor adapter, merged model, the probe
     logits, the summary. Returns a :class:`RunResult`."""
     recipe = plan.recipe
     output_dir = recipe.training.output_dir
     model = trainer.model_wrapped if trainer.model_wrapped is not None else trainer.model
-    release_zero3_parameters(trainer)
+    trainer.boft_engine.release(trainer)  # what the engine still holds gathered, before the exports gather
     from ..distributed.gather import unwrap_peft_model
 
     adapter = unwrap_peft_model(model).active_adapters[0]

@@ -57,6 +57,7 @@ class BoftTrainerMixin:
         self.boft_lineage: str | None = None
         super().__init__(*args, **kwargs)
         self.boft_engine = engine if engine is not None else _engine_of_trainer(self)
+        self.boft_engine.after_wrap(self.model)
         # rotation happens after the completion marker (_save_checkpoint), so it only counts complete, own checkpoints
         self.boft_keep_checkpoints, self.args.save_total_limit = self.args.save_total_limit, None
         self.add_callback(LogMemory())

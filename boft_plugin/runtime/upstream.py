@@ -51,7 +51,9 @@ IMPORTED = (
         "peft.tuners.tuners_utils", "_ExcludedModule", "tuner.targets: what the matcher returns for an excluded module"
     ),
     PrivateName(
-        "peft.tuners.boft.layer", "_FBD_CUDA", "stock_peft: PEFT's cached CUDA extension (the oracle's switch)"
+        "peft.tuners.boft.layer",
+        "_FBD_CUDA",
+        "stock_peft: PEFT's cached CUDA extension (the oracle's switch); export.verify: did it build",
     ),
     PrivateName(
         "peft.tuners.boft.layer", "FastBlockDiag", "stock_peft: the block-diagonal the oracle replaces on the CPU"
@@ -60,21 +62,21 @@ IMPORTED = (
         "transformers.models.auto.auto_factory", "_get_model_class", "recipes.model_source: the class of a config"
     ),
     PrivateName(
-        "transformers.initialization", "no_init_weights", "recipes.builder, distributed.zero3_loading: empty builds"
+        "transformers.initialization", "no_init_weights", "recipes.builder, distributed.zero.loading: empty builds"
     ),
-    PrivateName("transformers.modeling_utils", "ContextManagers", "distributed.zero3_loading: from_config's contexts"),
+    PrivateName("transformers.modeling_utils", "ContextManagers", "distributed.zero.loading: from_config's contexts"),
+    PrivateName("transformers.modeling_utils", "local_torch_dtype", "distributed.zero.loading: from_config's contexts"),
+    PrivateName("transformers.modeling_utils", "set_zero3_state", "distributed.zero.loading: from_config's contexts"),
+    PrivateName("transformers.monkey_patching", "apply_patches", "distributed.zero.loading: from_config's contexts"),
     PrivateName(
-        "transformers.modeling_utils", "local_torch_dtype", "distributed.zero3_loading: from_config's contexts"
+        "transformers.monkey_patching", "patch_output_recorders", "distributed.zero.loading: from_config's contexts"
     ),
-    PrivateName("transformers.modeling_utils", "set_zero3_state", "distributed.zero3_loading: from_config's contexts"),
-    PrivateName("transformers.monkey_patching", "apply_patches", "distributed.zero3_loading: from_config's contexts"),
-    PrivateName(
-        "transformers.monkey_patching", "patch_output_recorders", "distributed.zero3_loading: from_config's contexts"
-    ),
-    PrivateName("transformers.integrations.deepspeed", "prevent_arange_dtype_change", "distributed.zero3_loading"),
+    PrivateName("transformers.integrations.deepspeed", "prevent_arange_dtype_change", "distributed.zero.loading"),
     PrivateName("transformers.trainer", "hf_api", "recipes.trainers.push_to_hub: the Trainer's own Hub client"),
     PrivateName("deepspeed.runtime.zero.partition_parameters", "Init._convert_to_deepspeed_param", "zero3_loading"),
-    PrivateName("torch.distributed.tensor._utils", "compute_local_shape_and_global_offset", "distributed.fsdp_loading"),
+    PrivateName(
+        "torch.distributed.tensor._utils", "compute_local_shape_and_global_offset", "distributed.fsdp2.loading"
+    ),
     PrivateName("huggingface_hub.serialization._base", "parse_size_to_int", "export.safetensors_stream: shard sizes"),
 )
 
@@ -92,7 +94,7 @@ OVERRIDDEN = (
     PrivateName("transformers.trainer", "Trainer._load_from_checkpoint", "recipes.trainers: FSDP2 DCP state"),
     PrivateName("transformers.trainer", "Trainer._load_optimizer_and_scheduler", "recipes.trainers: FSDP2 DCP state"),
     PrivateName("transformers.trainer", "Trainer._get_train_sampler", "recipes.data_order: world-size-invariant order"),
-    PrivateName("transformers.modeling_utils", "PreTrainedModel._init_weights", "distributed.fsdp_loading: buffers"),
+    PrivateName("transformers.modeling_utils", "PreTrainedModel._init_weights", "distributed.fsdp2.loading: buffers"),
     PrivateName("trl", "DPOTrainer._compute_loss", "recipes.trainers: ZeRO-3 reference pass first"),
     PrivateName("trl", "DPOTrainer.compute_ref_log_probs", "recipes.trainers: ZeRO-3 reference pass first"),
     PrivateName(

@@ -133,10 +133,13 @@ class _Cases:
     def init_adapter_missing(self):
         return self._refused_recipe("init", task="dpo", init_adapter=str(self.work))
 
-    def deepspeed_bf16_on_cpu(self):
+    def deepspeed_bf16_mode_on_cpu(self):
         if torch.cuda.is_available():
             return Outcome("2", "(not refused on a machine with GPUs)", "-")
-        return self._refused_recipe("dsbf16", env={"ACCELERATE_USE_DEEPSPEED": "true"}, bf16=True)
+        config = self.work / "ds_bf16_mode.json"  # DeepSpeed's own bf16 mode, asked for by the config itself
+        config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+        env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config)}
+        return self._refused_recipe("dsbf16", env=env, bf16=True)
 
     def incomplete_checkpoint(self):
         path, out = self._recipe("resume")
@@ -330,7 +333,7 @@ CASES = {
     "fewer rows than one global batch": "too_few_rows",
     "train_sampling_strategy: group_by_length": "group_by_length",
     "init_adapter without an adapter": "init_adapter_missing",
-    "bf16 with DeepSpeed on a machine without GPUs": "deepspeed_bf16_on_cpu",
+    "DeepSpeed's own bf16 mode (its config enables it) on a machine without GPUs": "deepspeed_bf16_mode_on_cpu",
     "resume_from_checkpoint naming an incomplete checkpoint": "incomplete_checkpoint",
     "a fresh run over existing checkpoint-N directories": "fresh_run_over_checkpoints",
     "resuming a DeepSpeed checkpoint not signed for this user": "untrusted_pickled_checkpoint",

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from boft_plugin.export.verify import verify_in_fresh_process
 from boft_plugin.runtime.launchers import accelerate_cmd, cpu_env, free_port, run, torchrun_cmd
@@ -132,3 +133,40 @@ def test_fsdp2_pre_shard_torchrun_sft_then_dpo(tmp_path):
         fsdp2_pre_shard=True,
         dpo_extra={"fsdp2_pre_shard": True},
     )
+
+
+def test_fsdp2_hsdp_two_simulated_nodes_of_two_ranks(tmp_path):
+    """fsdp2_hsdp: a (nodes, ranks per node) mesh, sharded within a node and replicated across the two nodes."""
+    data = write_tiny_data(tmp_path / "data")
+    out = tmp_path / "sft"
+    recipe = write_recipe(
+        tmp_path / "sft.yaml",
+        tiny_recipe("sft", out, data, fsdp2_pre_shard=True, fsdp2_hsdp=True, per_device_train_batch_size=2),
+    )
+    port = free_port()
+    nodes = [
+        torchrun_cmd(cli("sft", recipe), nproc_per_node=2, nnodes=2, node_rank=rank, master_port=port, module=True)
+        for rank in (0, 1)
+    ]
+    result = run(nodes, timeout=LAUNCH_TIMEOUT, env=cpu_env(), cwd=str(REPO)).check("HSDP SFT")
+    assert "FSDP2 mesh (2, 2) ('replicate', 'shard')" in result.output
+    assert summary(out)["world_size"] == 4
+    check_reloads(out)
+
+
+def test_gpu_deepspeed_configs_run_on_the_cpu_with_bf16(tmp_path):
+    """integrations/accelerate/zero{2,3}_gpu.yaml (overlap_comm, larger ZeRO-3 live set) with a recipe's bf16:
+    DeepSpeed's torch_autocast on 2 ranks; float32 adapters; both stages give the same losses."""
+    from safetensors.torch import load_file
+
+    data = write_tiny_data(tmp_path / "data")
+    losses = []
+    for config in ("zero2_gpu.yaml", "zero3_gpu.yaml"):
+        out = tmp_path / config.split(".")[0]
+        recipe = write_recipe(tmp_path / f"{out.name}.yaml", tiny_recipe("sft", out, data, bf16=True))
+        launch_accelerate(config, "sft", recipe, f"accelerate {config}")
+        assert summary(out)["world_size"] == 2
+        assert all(t.dtype == torch.float32 for t in load_file(out / "adapter_model.safetensors").values())
+        losses.append(summary(out)["train_loss"])
+    assert [s for s, _ in losses[0]] == [s for s, _ in losses[1]]
+    assert all(abs(a - b) <= 5e-4 * abs(a) for (_, a), (_, b) in zip(*losses))

@@ -3,8 +3,10 @@
 - autocast (``bf16: true``), SFT through the CLI: one process vs DDP on 2 ranks;
 - FSDP2 mixed precision (``fsdp2_pre_shard`` + ``bf16: true`` = ``MixedPrecisionPolicy(param_dtype=bfloat16,
   reduce_dtype=float32)``), SFT through the CLI: 1 rank vs 2 ranks;
-- DeepSpeed ZeRO-2 / ZeRO-3 with its ``bf16`` section: transformers refuses it on a machine without GPUs (the CLI
-  says so in one line), so it is run through ``deepspeed.initialize`` directly (tests/workers/train_worker.py):
+- DeepSpeed ZeRO-3 with a recipe's ``bf16: true`` through the CLI: DeepSpeed's ``torch_autocast`` (float32
+  parameters and checkpoints; boft_plugin.recipes.deepspeed_precision), 2 ranks vs one autocast process;
+- DeepSpeed ZeRO-2 / ZeRO-3 with its own ``bf16`` section (a config that enables it itself): transformers refuses it
+  on a machine without GPUs, so it is run through ``deepspeed.initialize`` directly (tests/workers/train_worker.py):
   1 rank vs 2 ranks.
 
 bf16 rounding makes ranks differ more than fp32 (1e-7): the bounds are the measured bf16 gaps x ~5 (docs/numerics.md).
@@ -23,7 +25,7 @@ import yaml
 from safetensors.torch import load_file
 
 from boft_plugin.export.verify import verify_in_fresh_process
-from boft_plugin.runtime.launchers import cpu_env, run, torchrun_cmd
+from boft_plugin.runtime.launchers import accelerate_cmd, cpu_env, run, torchrun_cmd
 from boft_plugin.testing.paths import REPO, WORKERS
 from boft_plugin.testing.recipes import tiny_recipe, write_tiny_data
 
@@ -45,7 +47,7 @@ def update_gap(got: dict, want: dict) -> float:
     return (num / den) ** 0.5
 
 
-def sft(tmp_path: Path, name: str, data: dict, world: int, **extra) -> Path:
+def sft(tmp_path: Path, name: str, data: dict, world: int, accelerate_config: str | None = None, **extra) -> Path:
     out = tmp_path / name
     per_device = 4 if world == 2 else 8
     mapping = tiny_recipe(
@@ -65,6 +67,8 @@ def sft(tmp_path: Path, name: str, data: dict, world: int, **extra) -> Path:
     cli = ["boft_plugin", "sft", "--config", str(config)]
     single = world == 1 and not extra.get("fsdp2_pre_shard")
     cmd = [sys.executable, "-m", *cli] if single else torchrun_cmd(cli, nproc_per_node=world, module=True)
+    if accelerate_config:
+        cmd = accelerate_cmd(str(REPO / "integrations" / "accelerate" / accelerate_config), ["-m", *cli], world)
     run(cmd, timeout=TIMEOUT, env=cpu_env(), cwd=str(REPO)).check(f"bf16 SFT {name}")
     return out
 
@@ -102,16 +106,15 @@ def test_fsdp2_mixed_precision_one_and_two_ranks(tmp_path, data):
         assert report["ok"] and report["probe_compute_dtype"] == "torch.bfloat16", report
 
 
-def test_deepspeed_bf16_through_the_cli_is_refused_in_one_line(tmp_path, data, monkeypatch):
-    from boft_plugin.recipes import RecipeError, parse_recipe
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    if getattr(torch, "accelerator", None) is not None:
-        monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(RecipeError, match="refuses half precision with DeepSpeed on a machine without GPUs") as info:
-        parse_recipe("sft", config=tiny_recipe("sft", tmp_path / "o", data, bf16=True))
-    assert "\n" not in str(info.value)
+def test_deepspeed_bf16_through_the_cli_is_torch_autocast(tmp_path, data):
+    """``bf16: true`` with integrations/accelerate/zero3.yaml ('auto' precision): DeepSpeed's torch_autocast, so the
+    parameters, the Trainer's ZeRO-3 checkpoints and the export stay float32; losses as one autocast process."""
+    one = sft(tmp_path, "single", data, 1)
+    two = sft(tmp_path, "zero3_w2", data, 2, accelerate_config="zero3.yaml", save_strategy="steps", save_steps=3)
+    compare_runs(one, two)
+    checkpoint = load_file(two / "checkpoint-3" / "adapter_model.safetensors")
+    assert checkpoint and all(t.dtype == torch.float32 and t.numel() > 0 for t in checkpoint.values())
+    assert json.loads((two / "boft_run_summary.json").read_text())["world_size"] == 2
 
 
 def _worker(engine: str, world: int, base: Path, out: Path) -> dict:

@@ -1,4 +1,5 @@
-"""boft_plugin.runtime.process_memory: the glibc calls the recipes make, and the switch that turns them off."""
+"""boft_plugin.runtime.process_memory: the glibc calls the recipes make (CPU-only hosts, or asked for), the switch
+that turns them off, and the per-phase peaks (RssAnon, and the accelerator allocator's, reset per phase)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import ctypes.util
 import pytest
 
 from boft_plugin.runtime import process_memory
-from boft_plugin.runtime.process_memory import OPT_OUT, PhasePeaks, limit_heap_retention, malloc_trim, rss_anon_bytes
+from boft_plugin.runtime.process_memory import OPT_IN, OPT_OUT, PhasePeaks, limit_heap_retention, malloc_trim
 
 glibc = pytest.mark.skipif(ctypes.util.find_library("c") is None, reason="needs glibc")
 
@@ -15,8 +16,9 @@ glibc = pytest.mark.skipif(ctypes.util.find_library("c") is None, reason="needs 
 @glibc
 def test_heap_calls_run_and_the_opt_out_turns_both_off(monkeypatch):
     monkeypatch.delenv(OPT_OUT, raising=False)
-    assert limit_heap_retention() is True
-    assert isinstance(malloc_trim(), bool)
+    monkeypatch.delenv(OPT_IN, raising=False)
+    monkeypatch.setattr(process_memory, "_accelerator_available", lambda: False)
+    assert limit_heap_retention() is True  # the real glibc accepts both settings
 
     class RecordingLibc:  # answers like glibc, records what was called
         def __init__(self):
@@ -42,6 +44,46 @@ def test_heap_calls_run_and_the_opt_out_turns_both_off(monkeypatch):
     assert fake.calls == []
 
 
+def test_heap_tuning_is_off_on_an_accelerator_host_unless_asked(monkeypatch):
+    calls = []
+
+    class RecordingLibc:
+        def mallopt(self, option, value):
+            calls.append("mallopt")
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append("malloc_trim")
+            return 1
+
+    monkeypatch.setattr(process_memory, "_libc", RecordingLibc)
+    monkeypatch.setattr(process_memory, "_accelerator_available", lambda: True)
+    monkeypatch.delenv(OPT_OUT, raising=False)
+    monkeypatch.delenv(OPT_IN, raising=False)
+    assert limit_heap_retention() is False and malloc_trim() is False and calls == []
+    monkeypatch.setenv(OPT_IN, "1")
+    assert limit_heap_retention() is True and malloc_trim() is True
+    assert calls == ["mallopt", "mallopt", "malloc_trim"]
+
+
+def test_phase_peaks_report_the_accelerator_peak_of_each_phase(monkeypatch):
+    import torch
+
+    allocated = iter([100, 300])  # bytes (MiB below) the allocator reports at the end of each phase
+    resets = []
+    monkeypatch.setattr(process_memory, "_accelerator_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "reset_peak_memory_stats", lambda *a: resets.append(True))
+    monkeypatch.setattr(torch.accelerator, "max_memory_allocated", lambda *a: next(allocated) * 2**20)
+    monkeypatch.setattr(torch.accelerator, "max_memory_reserved", lambda *a: 512 * 2**20)
+    peaks = PhasePeaks(interval=1.0)
+    peaks.phase("load")
+    peaks.phase("train")
+    report = peaks.report()
+    assert len(resets) == 2  # one reset as each phase begins
+    assert report["load"]["gpu_peak_allocated_mib"] == 100 and report["train"]["gpu_peak_allocated_mib"] == 300
+    assert report["train"]["gpu_peak_reserved_mib"] == 512
+
+
 def test_phase_peaks_measure_an_allocation():
     import torch
 
@@ -56,4 +98,4 @@ def test_phase_peaks_measure_an_allocation():
     report = peaks.report()
     assert set(report) == {"small", "big"}
     assert report["big"]["peak_mib"] - report["big"]["start_mib"] >= 48
-    assert rss_anon_bytes() > 0
+    assert not any(key.startswith("gpu_") for entry in report.values() for key in entry)  # a CPU-only host

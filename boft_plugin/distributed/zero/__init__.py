@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from ..engine import AdapterRequest, BaseModelSpec, Engine, check_placement
+from ..engine import AdapterRequest, BaseModelSpec, Engine, check_placement, float32_adapters
 from .checkpoints import prepare_universal_resume
 
 __all__ = ["ZeroEngine"]
@@ -29,6 +29,14 @@ class ZeroEngine(Engine):
         self.stage = stage
         self.name = "zero3" if stage == 3 else "zero2"
         self._log = log or (lambda message: None)
+
+    def after_wrap(self, model) -> None:
+        """TRL adds the adapter with ``autocast_adapter_dtype=False`` under ZeRO-3: on a bf16 base it would be bf16."""
+        changed = float32_adapters(model)
+        if changed:
+            self._log(
+                f"ZeRO-3: {changed} half-precision BOFT tensors made float32 (TRL's autocast_adapter_dtype=False)"
+            )
 
     def load_base(self, spec: BaseModelSpec):
         """ZeRO-3 and a local safetensors checkpoint: built empty and partitioned, every rank reads its partitions

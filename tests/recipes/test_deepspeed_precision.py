@@ -1,0 +1,67 @@
+"""A recipe's bf16 under DeepSpeed runs DeepSpeed's torch_autocast (float32 adapters); the run itself through the
+CLI on 2 ranks: tests/distributed/test_mixed_precision.py."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from boft_plugin.recipes.deepspeed_precision import use_torch_autocast
+from boft_plugin.testing.paths import REPO
+
+ZERO3 = REPO / "integrations" / "deepspeed" / "zero3.json"
+
+
+@pytest.fixture
+def accelerate_deepspeed(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ZERO3))
+
+
+def test_accelerate_route_gets_a_private_autocast_copy(accelerate_deepspeed):
+    merged: dict = {"bf16": True}
+    note = use_torch_autocast(merged, [], has_accelerator=False)
+    assert note and "torch_autocast" in note
+    copy = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
+    assert copy != str(ZERO3)  # the shipped file itself is never written
+    config = json.loads(Path(copy).read_text())
+    assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert config["bf16"] == {"enabled": False} and config["fp16"] == {"enabled": False}
+    assert config["zero_optimization"] == json.loads(ZERO3.read_text())["zero_optimization"]
+    assert merged["bf16"] is False
+
+
+def test_deepspeed_key_and_flags_become_a_mapping(tmp_path):
+    args = ["--deepspeed", str(ZERO3), "--bf16", "--learning_rate", "1e-3"]
+    merged: dict = {}
+    assert use_torch_autocast(merged, args, has_accelerator=True)
+    assert args == ["--learning_rate", "1e-3"]
+    assert merged["deepspeed"]["torch_autocast"]["enabled"] is True and merged["bf16"] is False
+
+
+@pytest.mark.parametrize(
+    "merged, env",
+    [
+        ({"bf16": False}, True),  # no bf16 asked for
+        ({"bf16": True}, False),  # no DeepSpeed
+        ({"bf16": True, "deepspeed": {"bf16": {"enabled": True}}}, False),  # DeepSpeed's bf16 mode, asked for
+        ({"bf16": True, "deepspeed": {"torch_autocast": {"enabled": True}}}, False),  # the user's own autocast
+    ],
+)
+def test_left_alone(monkeypatch, merged, env):
+    if env:
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ZERO3))
+    else:
+        monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    before = json.dumps(merged, sort_keys=True)
+    assert use_torch_autocast(merged, [], has_accelerator=True) is None
+    assert json.dumps(merged, sort_keys=True) == before
+
+
+def test_trl_default_bf16_on_a_gpu_host_counts_as_asked(accelerate_deepspeed):
+    assert use_torch_autocast({}, [], has_accelerator=True)
+    assert use_torch_autocast({}, [], has_accelerator=False) is None  # TRL's default is refused there anyway
