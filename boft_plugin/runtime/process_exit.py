@@ -2,10 +2,10 @@
 
 With torch 2.13, ``destroy_process_group()`` after a ``DistributedDataParallel`` backward does not free the gloo
 process group: its ``pt_gloo_runloop`` threads (and gloo's ``gloo_tcp_loop``) stay alive until the interpreter
-finalises (checked: ``tests/test_process_exit.py``). Torn down then, they sometimes abort a rank that finished and
-wrote everything ("terminate called without an active exception", SIGABRT: seen once, a 240-step DDP SFT in a
-fresh-clone test run), and the launcher reports a failed job; the rare glibc heap abort seen after a run's export
-may be the same teardown. Such a process runs its ``atexit`` handlers (trackers, logging, temporary files),
+finalises (checked: ``tests/runtime/test_process_exit.py``). Torn down then, they sometimes abort a rank that
+finished and wrote everything ("terminate called without an active exception", SIGABRT: seen once, a 240-step DDP
+SFT in a fresh-clone test run), and the launcher reports a failed job; the rare glibc heap abort seen after a run's
+export may be the same teardown. Such a process runs its ``atexit`` handlers (trackers, logging, temporary files),
 flushes, and leaves with ``os._exit`` so that nothing is torn down under live C++ threads.
 """
 
