@@ -126,8 +126,7 @@ def write_recipe(out: Path, base: Path, engine: str, task: str, steps: int, accu
 def run(
     engine: str, world: int, base: Path, task: str, steps: int, work: Path, timeout: float, global_batch: int
 ) -> dict:
-    from boft_plugin.runtime.launchers import accelerate_cmd, cpu_env, torchrun_cmd
-    from boft_plugin.runtime.launchers import run as launch
+    from boft_plugin.runtime.launchers import accelerate_cmd, cpu_env, launch, torchrun_cmd
 
     out = work / f"{task}_{engine}_w{world}"
     recipe = write_recipe(out, base, engine, task, steps, global_batch // world)  # the same global batch at every W

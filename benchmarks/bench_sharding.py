@@ -20,16 +20,16 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from boft_plugin.runtime.launchers import cpu_env, run, torchrun_cmd  # noqa: E402
+from boft_plugin.runtime.launchers import cpu_env, launch, torchrun_cmd  # noqa: E402
 
 WORKER = str(Path(__file__).with_name("shard_worker.py"))
 
 
-def launch(engine: str, world: int, extra: list[str]) -> list[dict]:
+def launch_engine(engine: str, world: int, extra: list[str]) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
         args = [WORKER, "--engine", engine, "--out", out, *extra]
         cmd = [sys.executable, *args] if engine == "single" else torchrun_cmd(args, nproc_per_node=world)
-        run(cmd, timeout=900, env=cpu_env()).check(f"{engine} W={world}")
+        launch(cmd, timeout=900, env=cpu_env()).check(f"{engine} W={world}")
         return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(world)]
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     results = []
     for world in args.worlds:
         for engine in (["single"] if world == 1 else []) + args.engines:
-            rows = launch(engine, world, extra)
+            rows = launch_engine(engine, world, extra)
             results.extend(rows)
             print(f"done {engine} W={world}", file=sys.stderr, flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)

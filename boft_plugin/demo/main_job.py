@@ -64,7 +64,8 @@ def probe_text(tokenizer_dir: str) -> str:
 
 def prepare_workdir(workdir: Path, base: str, sft_steps: int, dpo_steps: int) -> dict[str, Path]:
     """Data and the two recipes, written to ``workdir``."""
-    from .task import preference_rows, sft_rows, write_jsonl
+    from ..runtime.atomic import write_jsonl
+    from .task import preference_rows, sft_rows
 
     data = workdir / "data"
     paths = {
@@ -118,11 +119,11 @@ def prepare_workdir(workdir: Path, base: str, sft_steps: int, dpo_steps: int) ->
 
 def launch(task: str, recipe: Path, nproc: int, timeout: float) -> None:
     """``torch.distributed.run`` with ``nproc`` gloo ranks running ``boft-plugin <task>``; output streamed."""
-    from ..runtime.launchers import cpu_env, run, torchrun_cmd
+    from ..runtime.launchers import cpu_env, launch, torchrun_cmd
 
     cmd = torchrun_cmd(["boft_plugin", task, "--config", str(recipe)], nproc_per_node=nproc, module=True)
     print(f"\n$ {' '.join(cmd)}", flush=True)
-    result = run(cmd, timeout=timeout, env=cpu_env({"TQDM_DISABLE": "1"}), echo=True)
+    result = launch(cmd, timeout=timeout, env=cpu_env({"TQDM_DISABLE": "1"}), echo=True)
     if result.returncode != 0:
         reason = "timed out" if result.timed_out else f"exited with {result.returncode}"
         raise RuntimeError(f"boft-plugin {task} {reason}")
@@ -156,7 +157,7 @@ def generate_answers(model_dir: str, adapter: str | None, prompts: list[str], ou
 def answers_in_fresh_process(
     model_dir: str, adapter: Path | None, out: Path, *, prompts: int, timeout: float
 ) -> list[str]:
-    from ..runtime.launchers import cpu_env, run
+    from ..runtime.launchers import cpu_env, launch
 
     cmd = [
         sys.executable,
@@ -171,7 +172,7 @@ def answers_in_fresh_process(
     cmd += ["--prompts", str(prompts)]
     if adapter is not None:
         cmd += ["--adapter", str(adapter)]
-    run(cmd, timeout=timeout, env=cpu_env({"OMP_NUM_THREADS": "2"})).check(f"answers ({adapter or 'base'})")
+    launch(cmd, timeout=timeout, env=cpu_env({"OMP_NUM_THREADS": "2"})).check(f"answers ({adapter or 'base'})")
     return json.loads(out.read_text())["answers"]
 
 

@@ -22,9 +22,7 @@ Everything is generated deterministically from small tables (no files to ship):
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 
 OPENER, CLOSER = "Beep boop!", "Over and out."
 
@@ -172,13 +170,6 @@ def preference_rows(n: int, seed: int = 1) -> list[dict]:
             }
         )
     return rows
-
-
-def write_jsonl(rows: list[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 def check_held_out() -> None:

@@ -21,6 +21,21 @@ BASE_MODEL_DIR = "base_model"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
+# the files tokenizers' save_pretrained writes (any of them may be absent)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -31,4 +46,5 @@ __all__ = [
     "PROBE_FILE",
     "SINGLE_FACTOR_DIR",
     "SUMMARY_FILE",
+    "TOKENIZER_FILES",
 ]

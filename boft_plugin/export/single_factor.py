@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from ..ops.single_factor import DEFAULT_ATOL, DEFAULT_MIN_DIST, BlockCheck, SingleFactorError, single_factor_blocks
+from .layout import TOKENIZER_FILES
 from .publish import ADAPTER_WEIGHTS, owns_directory, publish_export
 
 __all__ = ["SingleFactorError", "convert_to_single_factor", "write_single_factor"]
@@ -24,22 +25,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 # what travels with a converted adapter besides its own two files: the model card and a tokenizer. Anything else in
 # the source (a run's checkpoints, merged/, probes, logs) stays where it is.
-COPIED_WITH_ADAPTER = frozenset(
-    {
-        "README.md",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "vocab.json",
-        "vocab.txt",
-        "merges.txt",
-        "tokenizer.model",
-        "spiece.model",
-        "chat_template.jinja",
-        "chat_template.json",
-    }
-)
+COPIED_WITH_ADAPTER = frozenset({"README.md", *TOKENIZER_FILES})
 
 
 def _single_factor_config(config: dict, factors: int, block_sizes: set[int], block_nums: set[int]) -> dict:

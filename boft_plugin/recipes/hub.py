@@ -8,28 +8,21 @@ says.
 
 from __future__ import annotations
 
-from ..export.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGED_DIR, PROBE_FILE, SINGLE_FACTOR_DIR, SUMMARY_FILE
+from ..export.layout import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    MERGED_DIR,
+    PROBE_FILE,
+    SINGLE_FACTOR_DIR,
+    SUMMARY_FILE,
+    TOKENIZER_FILES,
+)
 
 __all__ = ["HUB_PATTERNS", "hub_patterns"]
 
-# files tokenizers' save_pretrained writes (any of them may be absent)
-_TOKENIZER = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-    "chat_template.json",
-]
 HUB_PATTERNS = {
     "adapter": [ADAPTER_CONFIG, ADAPTER_WEIGHTS],
-    "tokenizer": _TOKENIZER,
+    "tokenizer": list(TOKENIZER_FILES),
     "single_factor": [f"{SINGLE_FACTOR_DIR}/*"],
     "merged": [f"{MERGED_DIR}/*"],
     "probe": [PROBE_FILE],

@@ -1,4 +1,9 @@
-"""TRL's SFT and DPO trainers with boft-plugin's behaviour added through a mixin and callbacks (no patching).
+"""TRL's SFT and DPO trainers with boft-plugin's behaviour added through a mixin and callbacks.
+
+No Trainer method is replaced on an instance; the one place that steps into a TRL call is
+:func:`_keep_existing_reference`, which, for the length of ``DPOTrainer.__init__`` only, makes the model's
+``add_adapter`` skip TRL's own ``ref`` adapter when the engine already added it (FSDP2 cannot manage an adapter added
+after sharding).
 
 :class:`BoftTrainerMixin` adds, to any transformers ``Trainer`` subclass:
 
@@ -7,8 +12,8 @@
 - ``resume_from_checkpoint`` resolved by ``checkpoints.resume.plan_resume`` (the newest complete checkpoint, the
   run's own unfinished ones removed, anything else it would write over refused), and DeepSpeed checkpoints written
   by another number of ranks loaded through the universal format;
-- the engine's own hooks (``boft_plugin.distributed``): under FSDP2 pre-sharding Trainer checkpoints through
-  ``torch.distributed.checkpoint`` and the end-of-run ``save_model`` as a gathered PEFT adapter;
+- the engine's own hooks (``boft_plugin.distributed.engine.Engine``): after TRL wrapped the model, checkpoint
+  save/load in the engine's format (FSDP2: ``torch.distributed.checkpoint``), resume on another world size;
 - under accelerate's FSDP plugin (GPUs), ``boft_R`` held block-major so that FSDP2 shards whole blocks;
 - with ``data_order.WorldSizeInvariantDataMixin``: the rows of each optimizer step do not depend on the number of
   ranks (``data_order_tail`` says what happens to an epoch's last partial global batch).

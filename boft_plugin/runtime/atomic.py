@@ -37,6 +37,7 @@ __all__ = [
     "atomic_write_text",
     "is_staging_name",
     "remove_stale_staging",
+    "write_jsonl",
 ]
 
 _RENAME_EXCHANGE = 2
@@ -240,3 +241,11 @@ def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
     with atomic_file(target) as staging:
         staging.write_text(text)
     return Path(target)
+
+
+def write_jsonl(rows: list[dict], target: str | os.PathLike) -> Path:
+    """Write ``rows`` as JSON lines to ``target`` atomically, creating its directory; returns the path."""
+    import json
+
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(target, "".join(json.dumps(row) + "\n" for row in rows))

@@ -28,7 +28,7 @@ __all__ = [
     "accelerate_cmd",
     "cpu_env",
     "free_port",
-    "run",
+    "launch",
     "torchrun_cmd",
 ]
 
@@ -119,7 +119,7 @@ class LaunchResult:
         return self
 
 
-def run(
+def launch(
     cmds: Sequence[Sequence[str]] | Sequence[str],
     timeout: float = 600,
     env: dict[str, str] | None = None,
@@ -157,7 +157,7 @@ def run(
 
 
 class LaunchTimeoutWarning(RuntimeWarning):
-    """A launched command timed out and was started again (``run(..., attempts > 1)``)."""
+    """A launched command timed out and was started again (``launch(..., attempts > 1)``)."""
 
 
 def _run_once(cmds, timeout: float, env: dict[str, str] | None, cwd: str | None, echo: bool) -> LaunchResult:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..toy.tasks import preference_examples, sft_examples, write_jsonl
+from ..runtime.atomic import write_jsonl
+from ..toy.tasks import preference_examples, sft_examples
 
 __all__ = ["tiny_recipe", "write_recipe", "write_tiny_data"]
 

@@ -12,7 +12,6 @@ plain ``prompt``/``chosen``/``rejected`` for DPO.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
@@ -76,15 +75,6 @@ def pretraining_texts(n: int, seed: int = 2) -> list[str]:
         word = _word(rng)
         texts.append(f"<|user|>{_prompt('copy', word)}</s><|assistant|>{word}</s>")
     return texts
-
-
-def write_jsonl(rows: list[dict], path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    return path
 
 
 def make_toy_base(

@@ -132,7 +132,7 @@ class BoftLayer(BOFTLayer):
             return []
         return [] if self.merged else self.active_boft_adapters()
 
-    def boft_r(self, adapter_name: str) -> Tensor:
+    def boft_R_peft_layout(self, adapter_name: str) -> Tensor:
         """``boft_R`` of ``adapter_name`` in PEFT's ``(m, N, b, b)`` layout (a view if stored block-major)."""
         weight = self.boft_R[adapter_name]
         return weight.transpose(0, 1) if self.boft_block_major.get(adapter_name) else weight
@@ -162,11 +162,11 @@ class BoftLayer(BOFTLayer):
 
         Applies ``boft_dropout`` in training, like PEFT's ``MultiplicativeDropoutLayer``.
         """
-        return effective_blocks_from(self.boft_r(adapter_name), self._dropout_p(adapter_name))
+        return effective_blocks_from(self.boft_R_peft_layout(adapter_name), self._dropout_p(adapter_name))
 
     def application_blocks(self, adapter_name: str, dtype: torch.dtype, tokens: int | None = None) -> Tensor:
         """Blocks ``(K', A, A)`` in ``dtype`` that multiply the activations (see :mod:`.rotation`)."""
-        boft_r = self.boft_r(adapter_name)
+        boft_r = self.boft_R_peft_layout(adapter_name)
         p = self._dropout_p(adapter_name)
         width = min_application_width(boft_r.device)
 
@@ -205,15 +205,15 @@ class BoftLayer(BOFTLayer):
 
         For inspection and PEFT helpers only: training, merge and export never build it.
         """
-        blocks = effective_blocks_from(self.boft_r(adapter_name))  # deterministic: no dropout, as in PEFT
+        blocks = effective_blocks_from(self.boft_R_peft_layout(adapter_name))  # deterministic: no dropout, as in PEFT
         scale = self.boft_s[adapter_name]
         return torch.block_diag(*blocks), scale if scale.shape[1] == 1 else scale.transpose(0, 1)
 
     def _merged_matrix(self, matrix: Tensor, adapter_name: str) -> Tensor:
-        return merge_matrix(matrix, self.boft_r(adapter_name), self.boft_s[adapter_name])
+        return merge_matrix(matrix, self.boft_R_peft_layout(adapter_name), self.boft_s[adapter_name])
 
     def _unmerged_matrix(self, matrix: Tensor, adapter_name: str) -> Tensor:
-        return merge_matrix(matrix, self.boft_r(adapter_name), self.boft_s[adapter_name], inverse=True)
+        return merge_matrix(matrix, self.boft_R_peft_layout(adapter_name), self.boft_s[adapter_name], inverse=True)
 
     # -- merge / unmerge (PEFT's API) -------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

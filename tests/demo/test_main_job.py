@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from boft_plugin.runtime.launchers import cpu_env, run
+from boft_plugin.runtime.launchers import cpu_env, launch
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(1200)]
 
@@ -32,7 +32,7 @@ def test_main_job_pipeline_on_the_real_model(tmp_path):
         "--prompts",
         "1",
     ]
-    result = run(cmd, timeout=1140, env=cpu_env())
+    result = launch(cmd, timeout=1140, env=cpu_env())
     result.check("main job (smoke)")
     assert "Checks: all passed" in result.output
     for name in (

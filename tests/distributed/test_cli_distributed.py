@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from boft_plugin.export.verify import verify_in_fresh_process
-from boft_plugin.runtime.launchers import accelerate_cmd, cpu_env, free_port, run, torchrun_cmd
+from boft_plugin.runtime.launchers import accelerate_cmd, cpu_env, free_port, launch, torchrun_cmd
 from boft_plugin.testing.paths import REPO
 from boft_plugin.testing.recipes import tiny_recipe, write_recipe, write_tiny_data
 
@@ -39,12 +39,12 @@ def cli(task: str, recipe: str) -> list[str]:
 
 def launch_torchrun(task: str, recipe: str, what: str) -> None:
     cmd = torchrun_cmd(cli(task, recipe), nproc_per_node=2, module=True)
-    run(cmd, timeout=LAUNCH_TIMEOUT, env=cpu_env(), cwd=str(REPO)).check(what)
+    launch(cmd, timeout=LAUNCH_TIMEOUT, env=cpu_env(), cwd=str(REPO)).check(what)
 
 
 def launch_accelerate(config: str, task: str, recipe: str, what: str) -> None:
     cmd = accelerate_cmd(str(CONFIGS / config), ["-m", *cli(task, recipe)], num_processes=2)
-    run(cmd, timeout=LAUNCH_TIMEOUT, env=cpu_env(), cwd=str(REPO)).check(what)
+    launch(cmd, timeout=LAUNCH_TIMEOUT, env=cpu_env(), cwd=str(REPO)).check(what)
 
 
 def check_reloads(*output_dirs: Path) -> None:
@@ -56,15 +56,15 @@ def check_reloads(*output_dirs: Path) -> None:
             assert report["merged_rel_err"] < 1e-5
 
 
-def sft_then_dpo(tmp_path: Path, launch, dpo_extra: dict | None = None, **sft_extra) -> tuple[dict, dict]:
+def sft_then_dpo(tmp_path: Path, launch_task, dpo_extra: dict | None = None, **sft_extra) -> tuple[dict, dict]:
     data = write_tiny_data(tmp_path / "data")
     sft_out, dpo_out = tmp_path / "sft", tmp_path / "dpo"
     sft = write_recipe(tmp_path / "sft.yaml", tiny_recipe("sft", sft_out, data, export_merged=True, **sft_extra))
     dpo = write_recipe(
         tmp_path / "dpo.yaml", tiny_recipe("dpo", dpo_out, data, init_adapter=str(sft_out), **(dpo_extra or {}))
     )
-    launch("sft", sft)
-    launch("dpo", dpo)
+    launch_task("sft", sft)
+    launch_task("dpo", dpo)
     sft_summary, dpo_summary = summary(sft_out), summary(dpo_out)
     assert sft_summary["world_size"] == dpo_summary["world_size"] == 2  # really distributed, not 2 lone ranks
     assert sft_summary["eval_last"]["eval_loss"] < sft_summary["eval_first"]["eval_loss"]
@@ -118,7 +118,7 @@ def test_two_simulated_nodes_sft(tmp_path):
         torchrun_cmd(cli("sft", recipe), nproc_per_node=1, nnodes=2, node_rank=rank, master_port=port, module=True)
         for rank in (0, 1)
     ]
-    run(nodes, timeout=LAUNCH_TIMEOUT, env=cpu_env(), cwd=str(REPO)).check("two-node SFT")
+    launch(nodes, timeout=LAUNCH_TIMEOUT, env=cpu_env(), cwd=str(REPO)).check("two-node SFT")
     assert summary(out)["world_size"] == 2
     check_reloads(out)
 
@@ -148,7 +148,7 @@ def test_fsdp2_hsdp_two_simulated_nodes_of_two_ranks(tmp_path):
         torchrun_cmd(cli("sft", recipe), nproc_per_node=2, nnodes=2, node_rank=rank, master_port=port, module=True)
         for rank in (0, 1)
     ]
-    result = run(nodes, timeout=LAUNCH_TIMEOUT, env=cpu_env(), cwd=str(REPO)).check("HSDP SFT")
+    result = launch(nodes, timeout=LAUNCH_TIMEOUT, env=cpu_env(), cwd=str(REPO)).check("HSDP SFT")
     assert "FSDP2 mesh (2, 2) ('replicate', 'shard')" in result.output
     assert summary(out)["world_size"] == 4
     check_reloads(out)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from boft_plugin.runtime.launchers import cpu_env, run, torchrun_cmd
+from boft_plugin.runtime.launchers import cpu_env, launch, torchrun_cmd
 from boft_plugin.testing.paths import WORKERS
 from boft_plugin.toy.models import tiny_llama
 
@@ -29,9 +29,9 @@ TIMEOUT = 300  # a run takes 10-40 s here; two attempts (conftest) fit in the 12
 def _launch(engine: str, base: Path, out: Path, nproc: int = 2, extra: tuple[str, ...] = ()) -> None:
     args = [WORKER, "--engine", engine, "--base", str(base), "--out", str(out), *extra]
     if engine == "single":
-        run([sys.executable, *args], timeout=TIMEOUT).check(f"{engine} run")
+        launch([sys.executable, *args], timeout=TIMEOUT).check(f"{engine} run")
     else:
-        run(torchrun_cmd(args, nproc_per_node=nproc), timeout=TIMEOUT).check(f"{engine} run")
+        launch(torchrun_cmd(args, nproc_per_node=nproc), timeout=TIMEOUT).check(f"{engine} run")
 
 
 def _save_base(path: Path, **overrides) -> Path:
@@ -82,7 +82,7 @@ def _expect_whole_effective(engine: str, row: dict, world: int) -> bool:
 
 def _reload_in_fresh_process(base: Path, run_dir: Path, factors=(2, 4)) -> None:
     dirs = [str(run_dir / f"m{m}") for m in factors]
-    run([sys.executable, RELOAD, "--base", str(base), *dirs], timeout=TIMEOUT, env=cpu_env()).check("reload check")
+    launch([sys.executable, RELOAD, "--base", str(base), *dirs], timeout=TIMEOUT, env=cpu_env()).check("reload check")
 
 
 @pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3", "zero3_init", "fsdp2"])
@@ -127,7 +127,7 @@ def test_two_nodes_four_ranks_fsdp2_uneven_blocks(tmp_path):
     port = __import__("boft_plugin.runtime.launchers", fromlist=["free_port"]).free_port()
     args = [WORKER, "--engine", "fsdp2", "--base", str(base), "--out", str(tmp_path / "nodes"), "--factors", "2"]
     nodes = [torchrun_cmd(args, nproc_per_node=2, nnodes=2, node_rank=r, master_port=port) for r in (0, 1)]
-    run(nodes, timeout=TIMEOUT).check("two-node run")
+    launch(nodes, timeout=TIMEOUT).check("two-node run")
     _compare_with_reference(tmp_path / "nodes", tmp_path / "single", 2)
     q_proj = [
         next(r for r in rows if "layers.0.self_attn.q_proj" in r["name"]) for rows in _shards(tmp_path / "nodes", 2, 4)

@@ -13,23 +13,14 @@ import re
 
 import pytest
 import torch
-import torch.distributed as dist
 from peft import BOFTConfig, get_peft_model
 
 from boft_plugin.distributed import engine
 from boft_plugin.distributed.fsdp2 import loading, shard_for_fsdp2
-from boft_plugin.runtime.launchers import free_port
 from boft_plugin.testing.paths import REPO
 from boft_plugin.toy.models import tiny_llama
 
 CONFIG = dict(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["q_proj", "v_proj", "down_proj"])
-
-
-@pytest.fixture
-def one_rank_group():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _meta_adapted():

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from boft_plugin.recipes.checkpoints.markers import is_complete
-from boft_plugin.runtime.launchers import cpu_env, run, torchrun_cmd
+from boft_plugin.runtime.launchers import cpu_env, launch, torchrun_cmd
 from boft_plugin.testing.paths import REPO
 from boft_plugin.testing.recipes import tiny_recipe, write_tiny_data
 
@@ -83,7 +83,7 @@ def test_long_run_memory_is_flat_and_every_export_reloads(tmp_path):
     config = tmp_path / "long.yaml"
     config.write_text(yaml.safe_dump(mapping))
     cmd = torchrun_cmd(["boft_plugin", "sft", "--config", str(config)], nproc_per_node=2, module=True)
-    run(cmd, timeout=800, env=cpu_env(), cwd=str(REPO)).check("long run")
+    launch(cmd, timeout=800, env=cpu_env(), cwd=str(REPO)).check("long run")
 
     state = json.loads((out / "checkpoint-240" / "trainer_state.json").read_text())
     rss = {entry["step"]: entry["rss_mib"] for entry in state["log_history"] if "rss_mib" in entry}
@@ -98,7 +98,7 @@ def test_long_run_memory_is_flat_and_every_export_reloads(tmp_path):
     assert [p.name for p in checkpoints] == [f"checkpoint-{s}" for s in range(40, 241, 40)]
     assert all(is_complete(p) for p in checkpoints)
     dirs = [str(p) for p in checkpoints] + [str(out)]
-    result = run([sys.executable, "-c", RELOAD, str(out / "base_model"), *dirs], timeout=300, env=cpu_env())
+    result = launch([sys.executable, "-c", RELOAD, str(out / "base_model"), *dirs], timeout=300, env=cpu_env())
     report = json.loads(result.check("reload of every export").output.strip().splitlines()[-1])
     # every checkpoint differs from the one before; the final export is the last checkpoint's adapter
     assert report == {"loaded": len(dirs), "same_as_previous": [False] * (len(checkpoints) - 1) + [True]}

@@ -25,7 +25,7 @@ import yaml
 from safetensors.torch import load_file
 
 from boft_plugin.export.verify import verify_in_fresh_process
-from boft_plugin.runtime.launchers import accelerate_cmd, cpu_env, run, torchrun_cmd
+from boft_plugin.runtime.launchers import accelerate_cmd, cpu_env, launch, torchrun_cmd
 from boft_plugin.testing.paths import REPO, WORKERS
 from boft_plugin.testing.recipes import tiny_recipe, write_tiny_data
 
@@ -69,7 +69,7 @@ def sft(tmp_path: Path, name: str, data: dict, world: int, accelerate_config: st
     cmd = [sys.executable, "-m", *cli] if single else torchrun_cmd(cli, nproc_per_node=world, module=True)
     if accelerate_config:
         cmd = accelerate_cmd(str(REPO / "integrations" / "accelerate" / accelerate_config), ["-m", *cli], world)
-    run(cmd, timeout=TIMEOUT, env=cpu_env(), cwd=str(REPO)).check(f"bf16 SFT {name}")
+    launch(cmd, timeout=TIMEOUT, env=cpu_env(), cwd=str(REPO)).check(f"bf16 SFT {name}")
     return out
 
 
@@ -120,7 +120,7 @@ def test_deepspeed_bf16_through_the_cli_is_torch_autocast(tmp_path, data):
 def _worker(engine: str, world: int, base: Path, out: Path) -> dict:
     args = [WORKER, "--engine", engine, "--base", str(base), "--out", str(out), "--factors", "2", "--bf16"]
     args += ["--init", "identity"]  # so that the adapter update is what training changed
-    run(torchrun_cmd(args, nproc_per_node=world), timeout=TIMEOUT, env=cpu_env()).check(f"{engine} bf16 W={world}")
+    launch(torchrun_cmd(args, nproc_per_node=world), timeout=TIMEOUT, env=cpu_env()).check(f"{engine} bf16 W={world}")
     return json.loads((out / "m2" / "result.json").read_text())
 
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from boft_plugin.export.loading import read_adapter
 from boft_plugin.recipes.checkpoints.markers import is_complete, last_complete_checkpoint
-from boft_plugin.runtime.launchers import accelerate_cmd, cpu_env, run, torchrun_cmd
+from boft_plugin.runtime.launchers import accelerate_cmd, cpu_env, launch, torchrun_cmd
 from boft_plugin.testing.paths import REPO, WORKERS
 from boft_plugin.testing.recipes import tiny_recipe, write_tiny_data
 
@@ -105,7 +105,7 @@ def run_and_kill(cmd: list[str], when, env: dict | None = None, log: Path | None
 
 
 def resume(cmd: list[str], what: str) -> str:
-    return run(cmd, timeout=TIMEOUT, env=cpu_env(), cwd=str(REPO)).check(what).output
+    return launch(cmd, timeout=TIMEOUT, env=cpu_env(), cwd=str(REPO)).check(what).output
 
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from boft_plugin.runtime.launchers import accelerate_cmd, cpu_env, run, torchrun_cmd
+from boft_plugin.runtime.launchers import accelerate_cmd, cpu_env, launch, torchrun_cmd
 from boft_plugin.testing.paths import REPO
 from boft_plugin.testing.recipes import tiny_recipe, write_tiny_data
 
@@ -83,7 +83,7 @@ def run_engine(tmp_path: Path, engine: str, checkpoint_dir: Path) -> dict:
         cmd = accelerate_cmd(str(REPO / "integrations/accelerate/zero3.yaml"), ["-m", *cli], num_processes=WORLD)
     else:
         cmd = torchrun_cmd(cli, nproc_per_node=WORLD, module=True)
-    output = run(cmd, timeout=900, env=cpu_env(), cwd=str(REPO)).check(f"{engine} SFT").output
+    output = launch(cmd, timeout=900, env=cpu_env(), cwd=str(REPO)).check(f"{engine} SFT").output
     assert ("ZeRO-3: " if engine == "zero3" else "FSDP2: ") in output  # the sharded loader ran
     return json.loads((out / "boft_run_summary.json").read_text()), out
 

@@ -2,24 +2,15 @@
 
 import pytest
 import torch
-import torch.distributed as dist
 from peft import BOFTConfig, get_peft_model
 from safetensors.torch import load_file
 
 import boft_plugin
 from boft_plugin.distributed.fsdp2.shard import ShardingOrderError, shard_for_fsdp2
 from boft_plugin.distributed.report import adapter_shards, format_shards
-from boft_plugin.runtime.launchers import free_port
 from boft_plugin.toy.models import tiny_llama
 
 CONFIG = dict(target_modules=["q_proj", "down_proj"], boft_block_size=4, boft_n_butterfly_factor=2, init_weights=False)
-
-
-@pytest.fixture
-def one_rank_group():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _adapted():

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from boft_plugin.runtime.launchers import free_port, run, torchrun_cmd
+from boft_plugin.runtime.launchers import free_port, launch, torchrun_cmd
 from boft_plugin.testing.paths import WORKERS
 from boft_plugin.testing.recipes import tiny_recipe, write_recipe, write_tiny_data
 
@@ -35,7 +35,7 @@ def test_nodes_that_do_not_share_output_dir_are_refused(tmp_path):
         )
         for n in (0, 1)
     ]
-    result = run(nodes, timeout=TIMEOUT)
+    result = launch(nodes, timeout=TIMEOUT)
     assert result.returncode != 0 and not result.timed_out, result.output[-3000:]
     assert result.output.count("is not the same directory on every node (rank 1 on") == 2  # both ranks say so
     assert not (tmp_path / "node0-disk" / "out").exists()  # refused: the lock is released, the new dir removed
@@ -44,7 +44,7 @@ def test_nodes_that_do_not_share_output_dir_are_refused(tmp_path):
 @pytest.mark.parametrize("case", ["staging", "unpicklable"])
 def test_an_export_failing_on_rank_0_raises_on_every_rank(tmp_path, case):
     cmd = torchrun_cmd([str(WORKERS / "failed_export_worker.py"), case, str(tmp_path / "out")], nproc_per_node=2)
-    result = run(cmd, timeout=TIMEOUT)
+    result = launch(cmd, timeout=TIMEOUT)
     assert not result.timed_out, result.output[-3000:]
     raised = dict(re.findall(r"rank (\d): raised (\w+): ", result.output))
     assert set(raised) == {"0", "1"}, result.output[-3000:]

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from boft_plugin.export.verify import verify_in_fresh_process
-from boft_plugin.runtime.launchers import accelerate_cmd, cpu_env, run, torchrun_cmd
+from boft_plugin.runtime.launchers import accelerate_cmd, cpu_env, launch, torchrun_cmd
 from boft_plugin.testing.paths import REPO
 from boft_plugin.testing.recipes import tiny_recipe, write_tiny_data
 
@@ -36,7 +36,7 @@ def tied_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def _sft(tmp_path: Path, name: str, checkpoint: Path, launch: str) -> tuple[dict, str, Path]:
+def _sft(tmp_path: Path, name: str, checkpoint: Path, route: str) -> tuple[dict, str, Path]:
     data = write_tiny_data(tmp_path / "data")
     out = tmp_path / name
     recipe = tiny_recipe(
@@ -48,18 +48,18 @@ def _sft(tmp_path: Path, name: str, checkpoint: Path, launch: str) -> tuple[dict
         max_steps=3,
         eval_steps=3,
         export_merged=True,
-        fsdp2_pre_shard=launch == "fsdp2",
+        fsdp2_pre_shard=route == "fsdp2",
     )
     config = tmp_path / f"{name}.yaml"
     config.write_text(yaml.safe_dump(recipe))
     cli = ["boft_plugin", "sft", "--config", str(config)]
-    if launch == "single":
+    if route == "single":
         cmd = [sys.executable, "-m", *cli]
-    elif launch == "fsdp2":
+    elif route == "fsdp2":
         cmd = torchrun_cmd(cli, nproc_per_node=2, module=True)
     else:
         cmd = accelerate_cmd(str(REPO / "integrations/accelerate/zero3.yaml"), ["-m", *cli], num_processes=2)
-    output = run(cmd, timeout=420, env=cpu_env(), cwd=str(REPO)).check(f"{name} SFT").output
+    output = launch(cmd, timeout=420, env=cpu_env(), cwd=str(REPO)).check(f"{name} SFT").output
     return json.loads((out / "boft_run_summary.json").read_text()), output, out
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from boft_plugin.export.verify import verify_in_fresh_process
-from boft_plugin.runtime.launchers import accelerate_cmd, cpu_env, run
+from boft_plugin.runtime.launchers import accelerate_cmd, cpu_env, launch
 from boft_plugin.testing.paths import REPO
 from boft_plugin.testing.recipes import tiny_recipe, write_recipe, write_tiny_data
 
@@ -30,11 +30,11 @@ def test_cli_sft_then_dpo_single_process(tmp_path):
     )
 
     console_script = Path(sys.executable).with_name("boft-plugin")
-    run([str(console_script), "sft", "--config", sft_yaml], timeout=300, env=cpu_env(), cwd=str(REPO)).check("sft")
+    launch([str(console_script), "sft", "--config", sft_yaml], timeout=300, env=cpu_env(), cwd=str(REPO)).check("sft")
     cmd = accelerate_cmd(
         str(REPO / "integrations/accelerate/single.yaml"), ["-m", "boft_plugin", "dpo", "--config", dpo_yaml]
     )
-    run(cmd, timeout=300, env=cpu_env(), cwd=str(REPO)).check("dpo (accelerate, single.yaml)")
+    launch(cmd, timeout=300, env=cpu_env(), cwd=str(REPO)).check("dpo (accelerate, single.yaml)")
 
     sft, dpo = summary(sft_out), summary(dpo_out)
     assert sft["world_size"] == dpo["world_size"] == 1
@@ -50,7 +50,7 @@ def test_cli_sft_then_dpo_single_process(tmp_path):
 def test_cli_error_exit_code_in_a_fresh_process(tmp_path):
     data = write_tiny_data(tmp_path / "data")
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe("sft", tmp_path / "out", data, warmup_stepz=3))
-    result = run([sys.executable, "-m", "boft_plugin", "sft", "--config", recipe], timeout=120, env=cpu_env())
+    result = launch([sys.executable, "-m", "boft_plugin", "sft", "--config", recipe], timeout=120, env=cpu_env())
     assert result.returncode == 2
     assert "unknown recipe key(s)" in result.output and "'warmup_stepz'" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()

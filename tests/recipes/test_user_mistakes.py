@@ -15,7 +15,7 @@ import pytest
 
 from boft_plugin.cli import main as cli_main
 from boft_plugin.recipes import parse_recipe
-from boft_plugin.runtime.launchers import cpu_env, run
+from boft_plugin.runtime.launchers import cpu_env, launch
 from boft_plugin.testing.paths import REPO
 from boft_plugin.testing.recipes import tiny_recipe, write_recipe, write_tiny_data
 
@@ -87,7 +87,7 @@ def test_adapter_trained_with_relative_paths_loads_from_anywhere(tmp_path, data)
     work.mkdir()
     mapping = tiny_recipe("sft", "runs/x", data, max_steps=1, eval_strategy="no", eval_on_start=False)
     recipe = write_recipe(work / "r.yaml", mapping)
-    run(
+    launch(
         [sys.executable, "-m", "boft_plugin", "sft", "--config", "r.yaml"], timeout=300, env=cpu_env(), cwd=str(work)
     ).check("sft with a relative output_dir")
     adapter = work / "runs" / "x"
@@ -99,9 +99,9 @@ def test_adapter_trained_with_relative_paths_loads_from_anywhere(tmp_path, data)
         "import sys, boft_plugin; from peft import AutoPeftModelForCausalLM; boft_plugin.register(); "
         "m = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1]); print('loaded', type(m).__name__)"
     )
-    result = run([sys.executable, "-c", load, str(adapter)], timeout=300, env=cpu_env(), cwd=str(elsewhere))
+    result = launch([sys.executable, "-c", load, str(adapter)], timeout=300, env=cpu_env(), cwd=str(elsewhere))
     assert "loaded PeftModelForCausalLM" in result.check("load from another directory").output
-    verify = run(
+    verify = launch(
         [sys.executable, "-m", "boft_plugin", "verify", str(adapter)], timeout=300, env=cpu_env(), cwd=str(elsewhere)
     )
     assert verify.check("verify from another directory").returncode == 0
@@ -116,14 +116,14 @@ def test_verify_without_probe_or_base_says_so_in_one_line(tmp_path, data):
     )
     assert cli_main(["sft", "--config", recipe]) == 0
     assert not (out / "probe_logits.pt").exists()
-    report = run([sys.executable, "-m", "boft_plugin", "verify", str(out), "--json"], timeout=300, env=cpu_env())
+    report = launch([sys.executable, "-m", "boft_plugin", "verify", str(out), "--json"], timeout=300, env=cpu_env())
     line = json.loads(report.check("verify without a probe").output.strip().splitlines()[-1])
     assert line["ok"] and line["expected"].startswith("boft-plugin") and line["oracle_rel_err"] < 1e-5
 
     config = json.loads((out / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(tmp_path / "moved_away")
     (out / "adapter_config.json").write_text(json.dumps(config))
-    missing = run([sys.executable, "-m", "boft_plugin", "verify", str(out)], timeout=300, env=cpu_env())
+    missing = launch([sys.executable, "-m", "boft_plugin", "verify", str(out)], timeout=300, env=cpu_env())
     assert missing.returncode == 2 and "Traceback" not in missing.output
     assert "moved_away" in missing.output and "--base_model" in missing.output
 

@@ -8,7 +8,7 @@ import sys
 import time
 
 from boft_plugin.runtime.extension_locks import STALE_AFTER_S, stale_extension_locks
-from boft_plugin.runtime.launchers import cpu_env, run
+from boft_plugin.runtime.launchers import cpu_env, launch
 
 
 def _lock(root, name: str, age_s: float):
@@ -31,7 +31,7 @@ def test_only_old_locks_are_stale(tmp_path, monkeypatch):
 def test_the_cli_names_a_stale_lock_before_it_starts(tmp_path):
     old = _lock(tmp_path, "deepspeed_shm_comm", 3600)
     env = cpu_env({"TORCH_EXTENSIONS_DIR": str(tmp_path)})
-    result = run([sys.executable, "-m", "boft_plugin", "sft", "--config", str(tmp_path / "missing.yaml")], 120, env)
+    result = launch([sys.executable, "-m", "boft_plugin", "sft", "--config", str(tmp_path / "missing.yaml")], 120, env)
     assert result.returncode == 2, result.output[-2000:]
     warning = next(line for line in result.output.splitlines() if "boft-plugin: warning:" in line)
     assert str(old) in warning and "60 min old" in warning

@@ -14,7 +14,7 @@ import time
 import psutil
 import pytest
 
-from boft_plugin.runtime.launchers import LaunchTimeoutWarning, run, torchrun_cmd
+from boft_plugin.runtime.launchers import LaunchTimeoutWarning, launch, torchrun_cmd
 
 HUNG_WORKER = textwrap.dedent(
     """
@@ -44,11 +44,11 @@ def test_hung_torchrun_workers_are_stopped_with_their_stacks(tmp_path):
     script = tmp_path / "hung_worker.py"
     script.write_text(HUNG_WORKER)
     start = time.monotonic()
-    result = run(torchrun_cmd([str(script)], nproc_per_node=2), timeout=20, attempts=1)
+    result = launch(torchrun_cmd([str(script)], nproc_per_node=2), timeout=20, attempts=1)
     elapsed = time.monotonic() - start
 
     assert result.timed_out and result.returncode == 124
-    assert elapsed < 20 + 45, f"run() returned {elapsed:.0f} s after start, not soon after its 20 s timeout"
+    assert elapsed < 20 + 45, f"launch() returned {elapsed:.0f} s after start, not soon after its 20 s timeout"
     pids = _pids_of(result.output)
     assert len(pids) == 2, result.output[-3000:]
     # each worker printed where it was stuck (PYTHONFAULTHANDLER from cpu_env, SIGABRT before the kill)
@@ -61,7 +61,7 @@ def test_hung_torchrun_workers_are_stopped_with_their_stacks(tmp_path):
 
 
 def test_a_finished_run_keeps_its_output_and_exit_code():
-    result = run([sys.executable, "-c", "print('done'); raise SystemExit(3)"], timeout=60)
+    result = launch([sys.executable, "-c", "print('done'); raise SystemExit(3)"], timeout=60)
     assert not result.timed_out and result.returncode == 3 and "done" in result.output
 
 
@@ -83,7 +83,7 @@ def test_a_timed_out_launch_is_started_again_and_reported(tmp_path):
     script, marker = tmp_path / "flaky.py", tmp_path / "attempts.txt"
     script.write_text(FIRST_ATTEMPT_HANGS)
     with pytest.warns(LaunchTimeoutWarning, match="attempt 1 of 2"):
-        result = run([sys.executable, str(script), str(marker)], timeout=8, attempts=2)
+        result = launch([sys.executable, str(script), str(marker)], timeout=8, attempts=2)
     assert result.returncode == 0 and "finished" in result.output
     assert marker.read_text().splitlines() == ["attempt", "attempt"]
 
@@ -91,5 +91,5 @@ def test_a_timed_out_launch_is_started_again_and_reported(tmp_path):
 def test_a_failed_launch_is_not_repeated(tmp_path):
     marker = tmp_path / "attempts.txt"
     code = f"open({str(marker)!r}, 'a').write('attempt' + chr(10)); raise SystemExit(2)"
-    result = run([sys.executable, "-c", code], timeout=60, attempts=3)
+    result = launch([sys.executable, "-c", code], timeout=60, attempts=3)
     assert result.returncode == 2 and marker.read_text().splitlines() == ["attempt"]

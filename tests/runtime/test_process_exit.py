@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from boft_plugin.runtime.launchers import run, torchrun_cmd
+from boft_plugin.runtime.launchers import launch, torchrun_cmd
 
 pytestmark = pytest.mark.distributed
 
@@ -47,7 +47,7 @@ WORKER = textwrap.dedent(
 def test_finished_rank_exits_with_its_code_after_atexit_handlers(tmp_path, outcome):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    result = run(torchrun_cmd([str(script), outcome], nproc_per_node=2), timeout=120, attempts=1)
+    result = launch(torchrun_cmd([str(script), outcome], nproc_per_node=2), timeout=120, attempts=1)
     assert (result.returncode == 0) == (outcome == "ok"), result.output[-3000:]
     decoder = json.JSONDecoder()
     reports = [decoder.raw_decode(chunk)[0] for chunk in result.output.split("REPORT ")[1:]]
@@ -79,7 +79,7 @@ def test_cli_ranks_end_through_it_with_their_exit_code(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model_name_or_path: {tmp_path / 'no-such-model'}\noutput_dir: {tmp_path / 'out'}\n")
     cmd = torchrun_cmd(["boft_plugin", "sft", "--config", str(recipe)], nproc_per_node=2, module=True)
-    result = run(cmd, timeout=180, attempts=1)
+    result = launch(cmd, timeout=180, attempts=1)
     assert result.returncode != 0
     assert "boft-plugin sft: error: no training data" in result.output, result.output[-3000:]
     # torchrun's report of the first rank to end (it stops the other one then)

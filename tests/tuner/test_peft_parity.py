@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from peft import BOFTConfig, get_peft_model
 
 from boft_plugin.stock_peft import stock_peft_boft
 from boft_plugin.testing.models import MLP, build_pair, max_rel_err
@@ -84,12 +83,3 @@ def test_conv2d_matches_peft_oracle(factors):
     stock_r = stock.base_model.model.conv2d.boft_R["default"]
     ours_r = ours.base_model.model.conv2d.boft_R["default"]
     assert max_rel_err(ours_r.grad, stock_r.grad) < 1e-10
-
-
-def test_stock_peft_without_patch_silently_uses_one_factor():
-    """The trap this project exists for, kept visible: stock PEFT on CPU drops to m = 1."""
-    config = BOFTConfig(target_modules=["0"], boft_block_size=4, boft_n_butterfly_factor=3)
-    with stock_peft_boft(multi_factor=False):
-        stock = get_peft_model(_single_linear(64, 8, True, torch.float32), config)
-    assert stock.base_model.model[0].boft_R["default"].shape[0] == 1
-    assert stock.peft_config["default"].boft_n_butterfly_factor == 3
