@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import RecipeError
 
-__all__ = ["use_torch_autocast"]
+__all__ = ["check_half_precision_has_a_gpu", "use_torch_autocast"]
 
 _TRUE = {"true", "1", "yes"}
 
@@ -138,3 +138,23 @@ def use_torch_autocast(merged: dict[str, Any], args: list[str], has_accelerator:
         f"bf16 under DeepSpeed: {source} run with torch_autocast(bfloat16) instead of DeepSpeed's bf16 mode, so the "
         "BOFT adapters and every checkpoint stay float32 (boft_plugin.recipes.deepspeed_precision)"
     )
+
+
+def check_half_precision_has_a_gpu(merged: dict[str, Any], args: Sequence[str], has_accelerator: bool) -> None:
+    """Refuse, in one line and before transformers does (in words that name no remedy here), DeepSpeed's own
+    half-precision modes on a machine without an accelerator; call after :func:`use_torch_autocast`."""
+    requested = (
+        _flag_value(args, "deepspeed") is not None
+        or merged.get("deepspeed") is not None
+        or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    )
+    if has_accelerator or not requested:
+        return
+    fp16 = _flag(args, "fp16")
+    if _wants_bf16(merged, args, has_accelerator) or (fp16[1] if fp16 else bool(merged.get("fp16"))):
+        raise RecipeError(
+            "DeepSpeed's own half-precision mode (a DeepSpeed config that enables bf16/fp16 itself, or recipe key "
+            "'fp16'): transformers 5.24 refuses it on a machine without GPUs (its remedy, use_cpu, turns DeepSpeed "
+            "off); use bf16: true with a config that leaves precision to the Trainer ('auto', as in "
+            "integrations/deepspeed/), which runs DeepSpeed's torch_autocast, or fp16/bf16 with DDP or FSDP2"
+        )

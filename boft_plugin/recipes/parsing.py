@@ -284,9 +284,10 @@ def parse_recipe(task: str, argv: Sequence[str] | None = None, config: dict | No
     env = merged.pop("env", None) or {}
     for key, value in env.items():
         os.environ[str(key)] = str(value)
-    from .deepspeed_precision import use_torch_autocast
+    from .deepspeed_precision import check_half_precision_has_a_gpu, use_torch_autocast
 
     autocast_note = use_torch_autocast(merged, args, _has_accelerator())
+    check_half_precision_has_a_gpu(merged, args, _has_accelerator())
     merged.update(cpu_launch_defaults(merged, args))
     prefer_activation_checkpointing(merged, args)
     if merged:
@@ -300,13 +301,6 @@ def parse_recipe(task: str, argv: Sequence[str] | None = None, config: dict | No
     except RecipeError:
         raise
     except (TypeError, ValueError) as err:
-        if "doesn't support bf16/gpu" in str(err) and _deepspeed_requested(merged, args):
-            raise RecipeError(
-                "DeepSpeed's own half-precision mode (a DeepSpeed config that enables bf16/fp16 itself, or recipe key "
-                "'fp16'): transformers 5.24 refuses it on a machine without GPUs (its remedy, use_cpu, turns DeepSpeed "
-                "off); use bf16: true with a config that leaves precision to the Trainer ('auto', as in "
-                "integrations/deepspeed/), which runs DeepSpeed's torch_autocast, or fp16/bf16 with DDP or FSDP2"
-            ) from None
         raise RecipeError(f"invalid recipe for `boft-plugin {task}`: {err}") from err
     if remaining:
         flags = [item.lstrip("-").split("=")[0] for item in remaining if item.startswith("--")]

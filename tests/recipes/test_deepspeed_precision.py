@@ -65,3 +65,20 @@ def test_left_alone(monkeypatch, merged, env):
 def test_trl_default_bf16_on_a_gpu_host_counts_as_asked(accelerate_deepspeed):
     assert use_torch_autocast({}, [], has_accelerator=True)
     assert use_torch_autocast({}, [], has_accelerator=False) is None  # TRL's default is refused there anyway
+
+
+def test_deepspeed_half_precision_modes_are_refused_without_a_gpu(accelerate_deepspeed, tmp_path, monkeypatch):
+    from boft_plugin.errors import RecipeError
+    from boft_plugin.recipes.deepspeed_precision import check_half_precision_has_a_gpu
+
+    check_half_precision_has_a_gpu({"bf16": False}, [], has_accelerator=False)  # fp32: nothing to refuse
+    check_half_precision_has_a_gpu({"fp16": True}, [], has_accelerator=True)  # a GPU host: DeepSpeed's business
+    with pytest.raises(RecipeError, match="refuses it on a machine without GPUs"):
+        check_half_precision_has_a_gpu({"fp16": True, "bf16": False}, [], has_accelerator=False)
+    own_mode = tmp_path / "ds.json"
+    own_mode.write_text(json.dumps({"bf16": {"enabled": True}}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(own_mode))
+    merged: dict = {"bf16": True}
+    assert use_torch_autocast(merged, [], has_accelerator=False) is None  # the config's own mode is kept...
+    with pytest.raises(RecipeError):  # ...and refused here, in one line
+        check_half_precision_has_a_gpu(merged, [], has_accelerator=False)
