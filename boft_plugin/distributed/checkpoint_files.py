@@ -1,6 +1,6 @@
 """Reading a Hugging Face safetensors checkpoint one tensor (or one slice of a tensor) at a time.
 
-Shared by the FSDP2 loader (:mod:`.fsdp_loading`) and the ZeRO-3 loader (:mod:`.zero3_loading`). Nothing here holds
+Shared by the FSDP2 loader (:mod:`.fsdp2.loading`) and the ZeRO-3 loader (:mod:`.zero.loading`). Nothing here holds
 more than one tensor slice at a time; files are opened one at a time (``safe_open`` memory-maps a file; its pages
 count as ``RssFile`` while open and are released on close).
 """
@@ -22,6 +22,7 @@ __all__ = [
     "CheckpointIndex",
     "KeyMatch",
     "base_checkpoint_key",
+    "has_safetensors",
     "match_checkpoint_keys",
     "names_by_tensor",
     "read_flat_range",
@@ -30,6 +31,13 @@ __all__ = [
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+
+def has_safetensors(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a local checkpoint directory with safetensors weights (readable slice by slice)."""
+    return os.path.isfile(os.path.join(path, SAFE_WEIGHTS_NAME)) or os.path.isfile(
+        os.path.join(path, SAFE_WEIGHTS_INDEX_NAME)
+    )
 
 
 def _shard_file(root: Path, name: object, index: Path) -> str:

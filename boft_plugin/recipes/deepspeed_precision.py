@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import RecipeError
 
-__all__ = ["check_half_precision_has_a_gpu", "use_torch_autocast"]
+__all__ = ["check_half_precision_has_a_gpu", "deepspeed_requested", "use_torch_autocast"]
 
 _TRUE = {"true", "1", "yes"}
 
@@ -86,6 +86,12 @@ def _without_flag(args: list[str], key: str) -> None:
     del args[index : index + (2 if has_value else 1)]
 
 
+def deepspeed_requested(merged: dict, args: Sequence[str]) -> bool:
+    """DeepSpeed runs this recipe: ``accelerate launch`` with a DeepSpeed config, or the ``deepspeed`` key/flag."""
+    accelerate_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return accelerate_deepspeed or "deepspeed" in merged or _flag(args, "deepspeed") is not None
+
+
 def _remove(path: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
@@ -143,12 +149,7 @@ def use_torch_autocast(merged: dict[str, Any], args: list[str], has_accelerator:
 def check_half_precision_has_a_gpu(merged: dict[str, Any], args: Sequence[str], has_accelerator: bool) -> None:
     """Refuse, in one line and before transformers does (in words that name no remedy here), DeepSpeed's own
     half-precision modes on a machine without an accelerator; call after :func:`use_torch_autocast`."""
-    requested = (
-        _flag_value(args, "deepspeed") is not None
-        or merged.get("deepspeed") is not None
-        or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    )
-    if has_accelerator or not requested:
+    if has_accelerator or not deepspeed_requested(merged, args):
         return
     fp16 = _flag(args, "fp16")
     if _wants_bf16(merged, args, has_accelerator) or (fp16[1] if fp16 else bool(merged.get("fp16"))):

@@ -179,11 +179,6 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-def _deepspeed_requested(merged: dict, args: Sequence[str]) -> bool:
-    accelerate_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    return accelerate_deepspeed or _given("deepspeed", merged, args)
-
-
 def cpu_launch_defaults(merged: dict, args: Sequence[str]) -> dict:
     """Defaults that make TRL's configs run, and really distribute, on a machine without GPUs.
 
@@ -197,7 +192,9 @@ def cpu_launch_defaults(merged: dict, args: Sequence[str]) -> dict:
     """
     if _has_accelerator():
         return {}
-    deepspeed = _deepspeed_requested(merged, args)
+    from .deepspeed_precision import deepspeed_requested
+
+    deepspeed = deepspeed_requested(merged, args)
     wanted = {"ddp_backend": "gloo", "bf16": False} if deepspeed else {"use_cpu": True}
     return {key: value for key, value in wanted.items() if not _given(key, merged, args)}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 
+from ..checkpoint_files import has_safetensors
 from ..engine import AdapterRequest, BaseModelSpec, Engine
 from . import checkpoints
 from .loading import copy_adapter_shards, load_adapter_shards, load_sharded_base_weights
@@ -26,14 +27,6 @@ __all__ = [
     "shard_for_fsdp2",
     "store_block_major",
 ]
-
-
-def _has_safetensors(path: str) -> bool:
-    import os
-
-    return os.path.isfile(os.path.join(path, "model.safetensors")) or os.path.isfile(
-        os.path.join(path, "model.safetensors.index.json")
-    )
 
 
 class FSDP2Engine(Engine):
@@ -52,7 +45,7 @@ class FSDP2Engine(Engine):
         """A local safetensors checkpoint: the model on the meta device (each rank reads its slices in
         :meth:`adapt`); otherwise (a hub id) ``from_pretrained`` whole, sharded in :meth:`adapt`."""
         self._spec = spec
-        self._from_shards = _has_safetensors(spec.path)
+        self._from_shards = has_safetensors(spec.path)
         if not self._from_shards:
             return super().load_base(spec)
         import torch

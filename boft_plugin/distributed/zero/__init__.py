@@ -3,25 +3,20 @@ another number of ranks, and the engine's gathered parameters released before an
 
 - :mod:`.loading`: ZeRO-3 builds the model empty under ``zero.Init`` and every rank reads its own partitions;
 - :mod:`.checkpoints`: DeepSpeed's universal checkpoint format for resuming on another world size;
-- precision: the recipes turn ``bf16: true`` into DeepSpeed's ``torch_autocast`` (``recipes.parsing``), so the
-  parameters, the BOFT adapter and the Trainer's checkpoints stay float32 and only the linear layers' weights
-  travel in bf16 (docs/numerics.md, "Engines").
+- precision: the recipes turn ``bf16: true`` into DeepSpeed's ``torch_autocast`` (``recipes.deepspeed_precision``),
+  so the parameters, the BOFT adapter and the Trainer's checkpoints stay float32 and only the linear layers'
+  weights travel in bf16 (docs/numerics.md, "Engines and bf16").
 """
 
 from __future__ import annotations
 
 import os
 
+from ..checkpoint_files import has_safetensors
 from ..engine import AdapterRequest, BaseModelSpec, Engine, check_placement, float32_adapters
 from .checkpoints import prepare_universal_resume
 
 __all__ = ["ZeroEngine"]
-
-
-def _has_safetensors(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "model.safetensors")) or os.path.isfile(
-        os.path.join(path, "model.safetensors.index.json")
-    )
 
 
 class ZeroEngine(Engine):
@@ -41,7 +36,7 @@ class ZeroEngine(Engine):
     def load_base(self, spec: BaseModelSpec):
         """ZeRO-3 and a local safetensors checkpoint: built empty and partitioned, every rank reads its partitions
         (on DeepSpeed's device for this rank); otherwise ``from_pretrained`` (under ``zero.Init`` for ZeRO-3)."""
-        if self.stage != 3 or not _has_safetensors(spec.path):
+        if self.stage != 3 or not has_safetensors(spec.path):
             return super().load_base(spec)
         from transformers import GenerationConfig
 
@@ -70,7 +65,7 @@ class ZeroEngine(Engine):
             return model, request.peft_config
         from peft import PeftModel
 
-        # TRL's own ZeRO-3 route: no upcast of a bf16 base's adapter by PEFT (the layers keep theirs float32)
+        # TRL's own ZeRO-3 route: no upcast by PEFT of a bf16 base's adapter (after_wrap makes it float32)
         model = PeftModel.from_pretrained(
             model, request.init_adapter, is_trainable=True, autocast_adapter_dtype=self.stage != 3
         )
