@@ -29,6 +29,8 @@ _LAZY = {
     "BoftExportError": ".errors",
     "ShardingOrderError": ".errors",
     "RecipeError": ".errors",
+    "check_numerics": ".tuner.numerics",
+    "NumericsGuardCallback": ".recipes.callbacks",
     "load_adapter": ".export.loading",
     "read_adapter": ".export.loading",
     "export_adapter": ".export",

@@ -15,7 +15,6 @@ __all__ = [
     "BoftSaveError",
     "BoftTargetError",
     "GeometryError",
-    "NonFiniteScaleError",
     "RecipeError",
     "RunLockError",
     "ShardingOrderError",
@@ -35,10 +34,6 @@ class GeometryError(BoftError, ValueError):
         super().__init__(reason)
         self.reason = reason
         self.key = key  # the config key at fault, when one alone is
-
-
-class NonFiniteScaleError(BoftError, FloatingPointError):
-    """``boft_s`` holds NaN/Inf (raised by the pure maths; the layer re-raises it as :class:`BoftNumericsError`)."""
 
 
 class SingleFactorError(BoftError, ValueError):

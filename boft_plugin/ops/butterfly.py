@@ -16,11 +16,13 @@ from torch import Tensor
 
 __all__ = [
     "application_group",
+    "apply_dropout_mask",
     "butterfly_perm",
     "group_blocks",
     "cayley",
     "compose_effective_blocks",
     "composition_saved_rows",
+    "dropout_mask",
     "effective_block_size",
     "multiplicative_dropout",
     "permute_last_dim",
@@ -95,36 +97,54 @@ def cayley(weight: Tensor) -> Tensor:
         # PEFT solves Q (I + S) = I - S. Since I - S = 2 I - (I + S), Q = 2 (I + S)^-1 - I: one batched inverse
         # (I + S is always invertible for a real skew S, its singular values are >= 1), fewer ops in backward.
         # LAPACK returns column-major inverses, so invert A^T = I - S and transpose: (A^T)^-1 ^T = A^-1 comes out
-        # row-major and Q contiguous, which the composition then reads without copies.
-        inverse = torch.linalg.inv(torch.add(eye, r.mT - r, alpha=0.5)).mT
+        # row-major and Q contiguous, which the composition then reads without copies. `inv_ex` without its error
+        # check: `inv` reads LAPACK's `info` on the host (a device sync per call), and I + S cannot be singular.
+        inverse = torch.linalg.inv_ex(torch.add(eye, r.mT - r, alpha=0.5), check_errors=False).inverse.mT
         return torch.add(-eye, inverse, alpha=2)
 
 
-def multiplicative_dropout(blocks: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
-    """PEFT's ``MultiplicativeDropoutLayer`` with PEFT's exact random draws (same seed, same dropped blocks).
+def dropout_mask(
+    n_factors: int, n_blocks: int, p: float, device: torch.device, generator: torch.Generator | None = None
+) -> Tensor | None:
+    """Which blocks PEFT's ``MultiplicativeDropoutLayer`` replaces by the identity, with PEFT's exact random draws.
 
     PEFT draws, on the default CPU generator: ``factor = randint(0, m)``, then ``perm = randperm(N)``, and replaces
     block ``i`` of that factor by the identity iff ``perm[i] < k`` with ``k = int(p * N)`` (it indexes a mask *by*
     the permutation). Both draws happen even when ``k == 0``, so the random stream stays in step with PEFT's.
+    No value is read on the host: the mask is built from the draws on the CPU and copied to ``device`` from pinned
+    memory without waiting (one small asynchronous copy per call on an accelerator).
 
-    Args:
-        blocks: ``(m, N, b, b)`` orthogonal blocks.
-        p: fraction of one factor's blocks to drop.
+    Returns:
+        ``(m, N, 1, 1)`` bool on ``device``, or None when nothing is dropped (``k == 0``).
+    """
+    factor = torch.randint(0, n_factors, (1,), generator=generator)
+    perm = torch.randperm(n_blocks, generator=generator)
+    n_drop = int(p * n_blocks)
+    if n_drop == 0:
+        return None
+    mask = (torch.arange(n_factors) == factor)[:, None] & (perm < n_drop)[None, :]  # (m, N) on the CPU, as PEFT
+    if mask.device != device:
+        if torch.accelerator.is_available():
+            mask = mask.pin_memory()  # a pageable host-to-device copy would wait for the device's queue
+        mask = mask.to(device, non_blocking=True)
+    return mask.view(n_factors, n_blocks, 1, 1)
+
+
+def apply_dropout_mask(blocks: Tensor, mask: Tensor | None) -> Tensor:
+    """``(m, N, b, b)`` blocks with the masked ones replaced by the identity (``blocks`` itself for no mask)."""
+    if mask is None:
+        return blocks
+    return torch.where(mask, torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device), blocks)
+
+
+def multiplicative_dropout(blocks: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
+    """PEFT's ``MultiplicativeDropoutLayer`` on ``(m, N, b, b)`` orthogonal blocks: :func:`dropout_mask` applied.
 
     Returns:
         ``(m, N, b, b)``, a new tensor; ``blocks`` is returned unchanged when nothing is dropped.
     """
-    m, n_blocks, b, _ = blocks.shape
-    n_drop = int(p * n_blocks)
-    factor = int(torch.randint(0, m, (1,), generator=generator).item())
-    perm = torch.randperm(n_blocks, generator=generator)
-    if n_drop == 0:
-        return blocks
-    device = blocks.device
-    mask = torch.zeros(m, n_blocks, 1, 1, dtype=torch.bool, device=device)
-    mask[factor] = (perm < n_drop).to(device).view(n_blocks, 1, 1)
-    eye = torch.eye(b, dtype=blocks.dtype, device=device)
-    return torch.where(mask, eye, blocks)
+    m, n_blocks = blocks.shape[:2]
+    return apply_dropout_mask(blocks, dropout_mask(m, n_blocks, p, blocks.device, generator))
 
 
 def _block_diagonal_within(blocks: Tensor, per_block: int) -> Tensor:

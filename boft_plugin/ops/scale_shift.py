@@ -7,36 +7,26 @@ computed as ``torch.lerp(b, r, s)``: one rounding in bf16/fp16 (PEFT's three ops
 What backward needs for ``d s`` is the centred base output ``c = r - b``. Recovering it from the output alone as
 ``(y - b) / s`` is NaN at ``s == 0`` and loses ``~ ulp(y) / |s|`` elsewhere; saving ``r`` always is exact but costs
 one extra ``tokens x out`` activation in every layer whose output the next op also saves (Llama: v_proj,
-gate_proj, up_proj), +17.5 to +19.6 % peak memory on the benchmark model (measured, benchmarks/RESULTS.md). This
-version is exact *and* free in the usual case:
+gate_proj, up_proj), +17.5 to +19.6 % peak memory on the benchmark model (measured, benchmarks/RESULTS.md). So the
+caller says which one to save, and nothing here reads a value on the host (no device sync in the hot path):
 
-* same dtype in and out (fp32 / fp64 / pure bf16 / fp16 training, FSDP2 ``param_dtype``): save ``y`` (the tensor
-  returned, which the next op usually saves too, so no extra memory) **plus the columns of ``r`` whose
-  ``|s| < SMALL_SCALE``**. For those columns ``c`` is exact; for the others ``c = (y - b) / s`` with ``|s| >= 0.5``
-  is within ~2-3 roundings of ``y`` of what PEFT saves (PEFT's ``c = fl(r - b)`` is itself one rounding away from
-  exact). While ``s`` stays away from 0 (it starts at 1) nothing extra is saved.
-* output wider than the base output (``torch.autocast``: ``r`` bf16, ``s``/``b``/``x`` fp32): compute ``y`` in the
-  wide dtype like PEFT's type promotion does, and save ``r`` itself (narrow: same bytes the snapshot saved, a bf16
-  ``y``); exact at any ``s``.
-* under ``torch.compile``: save ``r`` (no data-dependent branch).
+* ``save_output=True`` (the caller knows that every ``|s| >= SMALL_SCALE``, from the numerics guard's last check:
+  :mod:`boft_plugin.tuner.numerics`) and the output has ``r``'s dtype: save ``y``, the tensor returned, which the
+  next op usually saves too, so no extra memory. ``c = (y - b) / s`` with ``|s| >= 0.5`` is within ~2-3 roundings
+  of ``y`` of what PEFT saves (PEFT's ``c = fl(r - b)`` is itself one rounding away from exact).
+* otherwise: save ``r`` itself; exact at any ``s``, 0 included.
 
-Also a numerics guard: a non-finite ``boft_s`` raises :class:`NonFiniteScaleError` (a ``FloatingPointError``; the
-layer can re-raise it as ``BoftNumericsError`` naming the adapter). The finiteness check and the small-``s`` count
-share one host sync.
+Non-finite values are not checked here: the numerics guard checks every adapter once per optimizer step.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from ..errors import NonFiniteScaleError
+SMALL_SCALE = 0.5  # |s| below this: save r for d s (recovery from y would lose up to (1 + 1/|s|) roundings)
 
-SMALL_SCALE = 0.5  # |s| below this: keep the exact r columns for d s (recovery error <= ~(1 + 1/|s|) roundings)
-
-__all__ = ["NonFiniteScaleError", "SMALL_SCALE", "scale_shift"]
+__all__ = ["SMALL_SCALE", "scale_shift"]
 
 
 def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -46,32 +36,10 @@ def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return acc
 
 
-def _scale_stats(s: Tensor, need_small: bool) -> tuple[int, bool]:
-    """(number of non-finite entries, whether any |s| < SMALL_SCALE) with a single host sync.
-
-    ``aminmax`` of ``|s|``: the max is NaN/Inf iff some entry is (NaN propagates), the min says whether any is
-    small; the exact non-finite count is only computed when there is one (for the error message).
-    """
-    if s.numel() == 0:
-        return 0, False
-    low, high = torch.stack(torch.aminmax(s.detach().abs())).tolist()
-    bad = 0 if math.isfinite(high) else int((~torch.isfinite(s)).sum())
-    return bad, need_small and low < SMALL_SCALE
-
-
 class _ScaleShift(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r: Tensor, s: Tensor, b: Tensor | None, out_dtype: torch.dtype, check: bool) -> Tensor:
+    def forward(ctx, r: Tensor, s: Tensor, b: Tensor | None, out_dtype: torch.dtype, save_output: bool) -> Tensor:
         acc = _acc_dtype(r.dtype, s.dtype, *(() if b is None else (b.dtype,)))
-        s_acc = s.to(acc)
-        need_s_grad = ctx.needs_input_grad[1]
-        need_small = need_s_grad and out_dtype == r.dtype
-        n_small = False
-        if (check or need_small) and not torch.compiler.is_compiling():
-            n_bad, n_small = _scale_stats(s, need_small)  # one host sync for both
-            if check and n_bad:
-                raise NonFiniteScaleError(f"boft_s has {n_bad} NaN/Inf value(s) of {s.numel()}")
-
         one_dtype = s.dtype == r.dtype and (b is None or b.dtype == r.dtype)
         if b is None:
             y = r * s  # promotes to acc when s is wider (PEFT's type promotion)
@@ -80,83 +48,62 @@ class _ScaleShift(torch.autograd.Function):
             y = torch.lerp(b, r, s)
         else:
             # autocast / fp32 adapter on a low-precision base: PEFT's type promotion, computed in acc
+            s_acc = s.to(acc)
             y = torch.addcmul(b.to(acc) * (1 - s_acc), r, s_acc)
         y = y.to(out_dtype)
 
-        ctx.r_dtype, ctx.has_bias = r.dtype, b is not None
-        ctx.mode = "none"
-        if need_s_grad:
-            if out_dtype != r.dtype or torch.compiler.is_compiling():
-                ctx.mode = "r"  # autocast: r is the narrow tensor, y is not shared with anything narrower
-                ctx.save_for_backward(r, s, b)
-            elif n_small:
-                ctx.mode = "y+cols"
-                cols = torch.nonzero(s.abs() < SMALL_SCALE).squeeze(-1)
-                ctx.save_for_backward(y, s, b, cols, r.index_select(-1, cols))
-            else:
-                ctx.mode = "y"
-                ctx.save_for_backward(y, s, b)
-        else:
+        ctx.r_dtype = r.dtype
+        ctx.saved_output = bool(save_output and out_dtype == r.dtype and ctx.needs_input_grad[1])
+        if not ctx.needs_input_grad[1]:
             ctx.save_for_backward(None, s, b)
+        elif ctx.saved_output:
+            ctx.save_for_backward(y, s, b)
+        else:
+            ctx.save_for_backward(r, s, b)
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        saved = ctx.saved_tensors
-        s, b = saved[1], saved[2]
+        saved, s, b = ctx.saved_tensors
         acc = _acc_dtype(grad.dtype, s.dtype, *(() if b is None else (b.dtype,)))
         lead = tuple(range(grad.dim() - 1))
         grad_r = grad_s = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_r = torch.mul(grad, s).to(ctx.r_dtype)  # in the wider dtype, like autograd on PEFT's expression
         if ctx.needs_input_grad[1]:
-            b_acc = None if b is None else b.to(acc)
-            s_acc = s.to(acc)
-            if ctx.mode == "r":
-                centered = saved[0].to(acc, copy=True)
-                if b_acc is not None:
-                    centered.sub_(b_acc)
-                grad_s = centered.mul_(grad).sum(lead)
+            if b is None and ctx.saved_output:
+                total = torch.mul(saved.to(acc), grad).sum(lead)  # one product, no copy of y
             else:
-                y = saved[0]
-                if b_acc is None:
-                    total = torch.mul(y.to(acc), grad).sum(lead)  # one product, no copy of y
-                else:
-                    centered = y.to(acc, copy=True)
-                    total = centered.sub_(b_acc).mul_(grad).sum(lead)
-                    del centered
-                if ctx.mode == "y+cols":
-                    cols, r_cols = saved[3], saved[4]
-                    small = torch.zeros_like(s_acc, dtype=torch.bool).index_fill_(0, cols, True)
-                    grad_s = total / torch.where(small, torch.ones_like(s_acc), s_acc)
-                    exact = r_cols.to(acc, copy=True)
-                    if b_acc is not None:
-                        exact.sub_(b_acc.index_select(0, cols))
-                    exact = exact.mul_(grad.index_select(-1, cols)).sum(lead)
-                    grad_s = grad_s.index_copy(0, cols, exact)
-                else:
-                    grad_s = total / s_acc
-            grad_s = grad_s.to(s.dtype)
+                centered = saved.to(acc, copy=True)
+                if b is not None:
+                    centered.sub_(b.to(acc))
+                total = centered.mul_(grad).sum(lead)
+                del centered
+            grad_s = (total / s.to(acc) if ctx.saved_output else total).to(s.dtype)
         if b is not None and ctx.needs_input_grad[2]:
             grad_b = (grad.to(acc).sum(lead) * (1 - s.to(acc))).to(b.dtype)
         return grad_r, grad_s, grad_b, None, None
 
 
 def scale_shift(
-    r: Tensor, s: Tensor, b: Tensor | None, out_dtype: torch.dtype | None = None, check: bool = True
+    r: Tensor, s: Tensor, b: Tensor | None, out_dtype: torch.dtype | None = None, save_output: bool = False
 ) -> Tensor:
-    """``(r - b) * s + b`` per output column; exact ``d s`` at any ``s`` (0 included), memory-light.
+    """``(r - b) * s + b`` per output column; exact ``d s`` at any ``s`` (0 included) unless ``save_output``.
 
     Args:
         r: ``(..., out)`` base-layer output (bias included), any float dtype.
         s: ``(out,)`` scale; NOT cast by the caller (fp32 master under autocast / PEFT's adapter upcast).
         b: ``(out,)`` bias or None, not cast either.
-        out_dtype: dtype of the result (the layer's input dtype, as PEFT's ``result.to(previous_dtype)``);
-            default ``promote(r, s, b)``.
-        check: raise :class:`NonFiniteScaleError` on a NaN/Inf ``s``.
+        out_dtype: dtype of the result (the base layer's output dtype, as LoRA returns); default
+            ``promote(r, s, b)``, or ``r``'s dtype when that is float32 and ``s`` has ``r``'s dtype.
+        save_output: every ``|s| >= SMALL_SCALE`` is known: backward recovers ``r - b`` from the returned tensor
+            instead of keeping ``r`` (no extra activation when the next op saves the output too).
+
+    Returns:
+        ``(..., out)`` in ``out_dtype``.
     """
     if out_dtype is None:
         out_dtype = _acc_dtype(r.dtype, s.dtype, *(() if b is None else (b.dtype,)))
         if out_dtype == torch.float32 and r.dtype == s.dtype:
             out_dtype = r.dtype
-    return _ScaleShift.apply(r, s, b, out_dtype, check)
+    return _ScaleShift.apply(r, s, b, out_dtype, save_output)

@@ -1,4 +1,5 @@
-"""Trainer callbacks the recipes install: memory in the logs and returned to the OS, DPO's exact reference."""
+"""Trainer callbacks the recipes install: memory in the logs and returned to the OS, DPO's exact reference, the
+numerics guard."""
 
 from __future__ import annotations
 
@@ -30,6 +31,43 @@ class ReleaseFreedMemory(TrainerCallback):
 
         malloc_trim()
         return control
+
+
+class NumericsGuardCallback(TrainerCallback):
+    """Check every BOFT adapter for NaN/Inf before the first step and after each optimizer step (one host read).
+
+    ``register()``'s optimizer step hook already checks after the steps of a PyTorch optimizer that holds the
+    adapters; this callback checks where that hook cannot see them (DeepSpeed steps its own flat partitions) and
+    before the first step, after a resume loaded new values (which also sets the scale hints the first forward
+    uses). It raises :class:`boft_plugin.BoftNumericsError` in ``on_step_end``, before the Trainer saves a
+    checkpoint of the diverged step. The recipes' trainers add it; add it to a TRL trainer with
+    ``callbacks=[boft_plugin.NumericsGuardCallback()]``.
+    """
+
+    def __init__(self) -> None:
+        self._checked_before_first_step = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._checked_before_first_step = False
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if not self._checked_before_first_step and model is not None:
+            self._check(model)
+            self._checked_before_first_step = True
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            from ..tuner.numerics import checked_since_last_step
+
+            if not checked_since_last_step(model):
+                self._check(model)
+
+    @staticmethod
+    def _check(model) -> None:
+        from ..tuner.numerics import check_numerics, guard_enabled
+
+        if guard_enabled():
+            check_numerics(model)
 
 
 class SyncReferenceAdapter(TrainerCallback):

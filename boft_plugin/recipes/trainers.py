@@ -30,7 +30,7 @@ from trl import DPOTrainer, SFTTrainer
 from ..distributed.engine import Engine
 from ..distributed.fsdp2.shard import is_fsdp2_sharded, store_block_major
 from ..runtime.ranks import barrier, world_size
-from .callbacks import LogMemory, ReleaseFreedMemory, SyncReferenceAdapter
+from .callbacks import LogMemory, NumericsGuardCallback, ReleaseFreedMemory, SyncReferenceAdapter
 from .checkpoints.markers import (
     begin_checkpoint,
     complete_checkpoint,
@@ -66,6 +66,7 @@ class BoftTrainerMixin:
         # rotation happens after the completion marker (_save_checkpoint), so it only counts complete, own checkpoints
         self.boft_keep_checkpoints, self.args.save_total_limit = self.args.save_total_limit, None
         self.add_callback(LogMemory())
+        self.add_callback(NumericsGuardCallback())
         if self.boft_engine.device().type == "cpu":  # glibc heap tuning helps CPU runs; GPU hosts keep defaults
             self.add_callback(ReleaseFreedMemory())
         if getattr(self, "is_fsdp_enabled", False):  # accelerate's FSDP2 plugin shards every parameter on dim 0

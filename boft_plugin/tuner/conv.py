@@ -55,7 +55,9 @@ class BoftConv2d(nn.Module, BoftLayer):
             matrix = matrix * self.scale_vector(name).to(matrix.dtype)[:, None]
         rotated = matrix.reshape(weight.shape).to(weight.dtype)
         bias = base.bias
-        return base._conv_forward(x.to(weight.dtype), rotated, bias).to(previous_dtype)
+        out = base._conv_forward(x.to(weight.dtype), rotated, bias)
+        # the convolution's own dtype under autocast (as LoRA returns), else the input's (as PEFT's BOFT)
+        return out if torch.is_autocast_enabled(x.device.type) else out.to(previous_dtype)
 
     train = BoftLayer.train
 

@@ -17,8 +17,8 @@ from peft.tuners.boft.layer import BOFTLayer, MultiplicativeDropoutLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
-from ..errors import BoftNumericsError
 from ..ops.butterfly import rotate_weight
+from ..ops.scale_shift import SMALL_SCALE
 from .geometry import Geometry, GeometryError, resolve_geometry, scale_shape
 from .rotation import BlockCache, application_blocks, effective_blocks_from, min_application_width
 from .zero3 import zero3_pre_forward_hook
@@ -41,13 +41,10 @@ def merge_matrix(matrix: Tensor, boft_r: Tensor, boft_s: Tensor, inverse: bool =
     return rotate_weight(matrix, blocks) * scale
 
 
-def _all_finite(blocks: Tensor, boft_r: Tensor) -> bool:
-    # boft_R too: the Cayley map sends an infinite entry to a finite rotation, which would hide the divergence.
-    # Fast path: one sum each (the blocks are orthogonal, |entries| <= 1, so their sum is finite iff they all
-    # are); only a non-finite sum (a NaN/Inf, or an overflowing boft_R) pays for the exact element-wise check.
-    if bool(torch.isfinite(blocks.sum() + boft_r.sum())):
-        return True
-    return bool(torch.isfinite(blocks).all()) and bool(torch.isfinite(boft_r).all())
+def _is_sharded(param: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor) or hasattr(param, "ds_id")
 
 
 class BoftLayer(BOFTLayer):
@@ -62,6 +59,8 @@ class BoftLayer(BOFTLayer):
         self.boft_geometry: dict[str, Geometry] = {}
         self.boft_block_major: dict[str, bool] = {}
         self._boft_block_cache = BlockCache()
+        # adapter -> (every |boft_s| >= SMALL_SCALE, boft_s._version when known): set by the numerics guard
+        self._boft_scale_hints: dict[str, tuple[bool, int | None]] = {}
         self.register_forward_pre_hook(zero3_pre_forward_hook)
 
     # -- subclass hooks ---------------------------------------------------------------------------------------
@@ -117,6 +116,9 @@ class BoftLayer(BOFTLayer):
         self.boft_geometry[adapter_name] = geometry
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+        scale = self.boft_s[adapter_name]
+        if not scale.is_meta:  # at creation, not in the hot path: one read of the initial scale
+            self.set_scale_hint(adapter_name, bool((scale.detach().abs() >= SMALL_SCALE).all()))
 
     # -- maths ------------------------------------------------------------------------------------------------
     def active_boft_adapters(self) -> list[str]:
@@ -171,15 +173,7 @@ class BoftLayer(BOFTLayer):
         width = min_application_width(boft_r.device)
 
         def build() -> Tensor:
-            blocks = application_blocks(boft_r, p, width, tokens)
-            if not torch.compiler.is_compiling() and not _all_finite(blocks, boft_r):
-                raise BoftNumericsError(
-                    f"BOFT adapter '{adapter_name}' of layer {getattr(self, 'boft_module_name', '?')}: the Cayley "
-                    f"rotation is not finite (boft_R has {int((~torch.isfinite(boft_r)).sum())} NaN/Inf values of "
-                    f"{boft_r.numel()}); the step that produced them diverged. Lower the learning rate or resume "
-                    "from the last good checkpoint"
-                )
-            return blocks.to(dtype)
+            return application_blocks(boft_r, p, width, tokens).to(dtype)
 
         if BlockCache.usable(boft_r, p):
             return self._boft_block_cache.get(adapter_name, boft_r, dtype, width, build)
@@ -195,6 +189,28 @@ class BoftLayer(BOFTLayer):
         """
         self._boft_block_cache.clear()
         return nn.Module.train(self, mode)
+
+    def set_scale_hint(self, adapter_name: str, all_large: bool) -> None:
+        """Record whether every ``|boft_s| >= SMALL_SCALE`` (the numerics guard's finding, or the initial value).
+
+        Tied to the parameter's version where the forward sees the same tensor, so an in-place change of
+        ``boft_s`` (a load, a manual edit) voids it; sharded parameters are re-checked after every step instead.
+        """
+        param = self.boft_s[adapter_name]
+        version = None if _is_sharded(param) else param._version
+        self._boft_scale_hints[adapter_name] = (all_large, version)
+
+    def scale_is_large(self, adapters: list[str]) -> bool:
+        """Whether backward may recover ``r - b`` from the output (:func:`..ops.scale_shift.scale_shift`)."""
+        if len(adapters) != 1:
+            return False
+        hint = self._boft_scale_hints.get(adapters[0])
+        if hint is None:
+            return False
+        all_large, version = hint
+        if version is None or torch.compiler.is_compiling():  # compiled: the guard's refresh is what holds
+            return all_large
+        return all_large and version == self.boft_s[adapters[0]]._version
 
     def scale_vector(self, adapter_name: str) -> Tensor:
         """``boft_s`` of ``adapter_name`` as an ``(out,)`` vector."""

@@ -12,9 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import BoftNumericsError
 from ..ops.butterfly import rotate_activations
-from ..ops.scale_shift import NonFiniteScaleError, scale_shift
+from ..ops.scale_shift import scale_shift
 from .layer import BoftLayer
 
 
@@ -39,7 +38,6 @@ class BoftLinear(nn.Module, BoftLayer):
         return matrix.T if self.fan_in_fan_out else matrix
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        previous_dtype = x.dtype
         adapters = self.adapters_to_apply()
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
@@ -57,14 +55,9 @@ class BoftLinear(nn.Module, BoftLayer):
         for name in adapters[1:]:
             scale = scale * self.scale_vector(name)
         # (result - bias) * s + bias. s and the bias are not cast: under autocast (bf16 result, fp32 s) the maths
-        # runs in float32 like PEFT's type promotion, rounded once to the input's dtype.
-        try:
-            return scale_shift(result, scale, self.get_base_layer().bias, out_dtype=previous_dtype)
-        except NonFiniteScaleError as err:
-            raise BoftNumericsError(
-                f"BOFT adapter(s) {adapters} of layer {getattr(self, 'boft_module_name', '?')}: {err}; the step that "
-                "produced them diverged. Lower the learning rate or resume from the last good checkpoint"
-            ) from None
+        # runs in float32 like PEFT's type promotion, rounded once to the base layer's output dtype (as LoRA).
+        bias = self.get_base_layer().bias
+        return scale_shift(result, scale, bias, out_dtype=result.dtype, save_output=self.scale_is_large(adapters))
 
     train = BoftLayer.train
 

@@ -16,6 +16,7 @@ from ..errors import BoftCheckpointError, ShardingOrderError
 from .conv import BoftConv2d
 from .layer import BoftLayer
 from .linear import BoftLinear
+from .numerics import track
 from .state_dict import (
     check_adapter_tensors,
     expected_adapter_shapes,
@@ -87,6 +88,7 @@ class BoftTuner(BOFTModel):
         # what to restore if loading this adapter's weights fails after injection (see undo_adapter)
         snapshots = self.__dict__.setdefault("_boft_requires_grad_before", {})
         snapshots[adapter_name] = [(p, p.requires_grad) for p in model.parameters()]
+        track(self)  # checked for NaN/Inf after every optimizer step that updates its adapters
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):

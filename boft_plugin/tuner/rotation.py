@@ -20,12 +20,13 @@ from torch.utils.checkpoint import checkpoint
 
 from ..ops.butterfly import (
     application_group,
+    apply_dropout_mask,
     cayley,
     compose_effective_blocks,
     composition_saved_rows,
+    dropout_mask,
     effective_block_size,
     group_blocks,
-    multiplicative_dropout,
 )
 
 _DEFAULT_MIN_WIDTH = {"cpu": 16, "cuda": 64}
@@ -39,18 +40,26 @@ def min_application_width(device: torch.device) -> int:
     return _DEFAULT_MIN_WIDTH.get(device.type, 64)
 
 
+def _draw_mask(boft_r: Tensor, dropout_p: float) -> Tensor | None:
+    if dropout_p <= 0:
+        return None
+    m, n_blocks = boft_r.shape[:2]
+    return dropout_mask(m, n_blocks, dropout_p, boft_r.device)
+
+
+def _effective_blocks(boft_r: Tensor, mask: Tensor | None) -> Tensor:
+    with torch.autocast(device_type=boft_r.device.type, enabled=False):
+        return compose_effective_blocks(apply_dropout_mask(cayley(boft_r), mask))
+
+
 def effective_blocks_from(boft_r: Tensor, dropout_p: float = 0.0) -> Tensor:
     """Effective blocks ``(K, Be, Be)`` from full ``boft_R`` ``(m, N, b, b)``; float32 whatever autocast says."""
-    with torch.autocast(device_type=boft_r.device.type, enabled=False):
-        blocks = cayley(boft_r)
-        if dropout_p > 0:
-            blocks = multiplicative_dropout(blocks, dropout_p)
-        return compose_effective_blocks(blocks)
+    return _effective_blocks(boft_r, _draw_mask(boft_r, dropout_p))
 
 
-def _grouped_blocks(boft_r: Tensor, dropout_p: float, group: int) -> Tensor:
+def _grouped_blocks(boft_r: Tensor, mask: Tensor | None, group: int) -> Tensor:
     with torch.autocast(device_type=boft_r.device.type, enabled=False):
-        return group_blocks(effective_blocks_from(boft_r, dropout_p), group)
+        return group_blocks(_effective_blocks(boft_r, mask), group)
 
 
 def application_blocks(boft_r: Tensor, dropout_p: float, min_width: int, tokens: int | None = None) -> Tensor:
@@ -64,10 +73,12 @@ def application_blocks(boft_r: Tensor, dropout_p: float, min_width: int, tokens:
     effective = effective_block_size(b, m)
     group = application_group(n_blocks // 2 ** (m - 1), effective, min_width)
     heavy = tokens is None or composition_saved_rows(b, m) > tokens
+    mask = _draw_mask(boft_r, dropout_p)  # drawn once, outside the recomputed region: backward sees the same blocks
     if m > 1 and heavy and torch.is_grad_enabled() and boft_r.requires_grad:
-        # keep only boft_R for backward; recompute the (token-independent, cheap) composition there
-        return checkpoint(_grouped_blocks, boft_r, dropout_p, group, use_reentrant=False)
-    return _grouped_blocks(boft_r, dropout_p, group)
+        # keep only boft_R for backward; recompute the (token-independent, cheap) composition there. Nothing random
+        # inside, so no RNG state to stash and restore per layer.
+        return checkpoint(_grouped_blocks, boft_r, mask, group, use_reentrant=False, preserve_rng_state=False)
+    return _grouped_blocks(boft_r, mask, group)
 
 
 class BlockCache:

@@ -1,20 +1,11 @@
 """The output scale ``(r - b) * s + b`` against its plain-autograd twin (``ops.reference.plain_scale_shift``):
-values and gradients at any ``s``, and the NaN/Inf guard's count."""
+values and gradients at any ``s``, saving ``r`` or (where every ``|s| >= 0.5``) the output."""
 
 import pytest
 import torch
 
 from boft_plugin.ops.reference import plain_scale_shift
 from boft_plugin.ops.scale_shift import scale_shift
-
-
-@pytest.mark.parametrize("values,message", [((float("inf"), 2), "2 NaN/Inf"), ((float("nan"), 1), "1 NaN/Inf")])
-def test_scale_stats_count_non_finite_entries(values, message):
-    bad, count = values
-    s = torch.ones(10)
-    s[:count] = bad
-    with pytest.raises(FloatingPointError, match=message):
-        scale_shift(torch.randn(4, 10), s, None)
 
 
 def test_scale_shift_without_bias_gradients_equal_plain_autograd_at_small_and_large_scales():
@@ -28,10 +19,11 @@ def test_scale_shift_without_bias_gradients_equal_plain_autograd_at_small_and_la
         assert torch.allclose(a, b, atol=1e-13, rtol=1e-12)
 
 
-def test_scale_shift_gradients_match_plain_autograd():
+@pytest.mark.parametrize("save_output", [False, True], ids=["saves-r", "saves-output"])
+def test_scale_shift_gradients_match_plain_autograd(save_output):
     r = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)
-    s = (1 + 0.2 * torch.randn(6, dtype=torch.float64)).requires_grad_()
+    s = (1 + 0.2 * torch.randn(6, dtype=torch.float64)).clamp(min=0.6).requires_grad_()  # every |s| >= 0.5
     b = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(scale_shift, (r, s, b))
-    assert torch.autograd.gradcheck(lambda r, s: scale_shift(r, s, None), (r, s))
+    assert torch.autograd.gradcheck(lambda r, s, b: scale_shift(r, s, b, save_output=save_output), (r, s, b))
+    assert torch.autograd.gradcheck(lambda r, s: scale_shift(r, s, None, save_output=save_output), (r, s))
     assert torch.allclose(scale_shift(r, s, b), plain_scale_shift(r, s, b))

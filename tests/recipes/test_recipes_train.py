@@ -6,12 +6,15 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
+from boft_plugin import BoftNumericsError
 from boft_plugin.recipes import build, make_trainer, parse_recipe, prepare, run
 from boft_plugin.recipes.train import finish
 from boft_plugin.testing.recipes import tiny_recipe, write_tiny_data
@@ -147,3 +150,64 @@ def test_checkpoints_survive_export_and_resume(tmp_path):
     assert state.global_step == 6 and (out / "checkpoint-6").is_dir()
     logged = [entry["step"] for entry in state.log_history if "loss" in entry]
     assert logged == [2, 4, 6]  # steps 1-4 come from checkpoint-4's state, not from training again
+
+
+class _DivergeAtStep(TrainerCallback):
+    """Puts a NaN in one boft_R's gradient before the optimizer step of ``step``: that step diverges."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            layer = model.base_model.model.model.layers[1].mlp.up_proj
+            layer.boft_R["default"].grad.view(-1)[7] = float("nan")
+
+
+def test_a_diverged_step_stops_the_run_before_its_checkpoint_is_written(tmp_path):
+    train = Dataset.from_list(sft_examples(32, fmt="prompt_completion"))
+    mapping = tiny_recipe(
+        "sft",
+        tmp_path / "out",
+        {"sft": "unused"},
+        dataset_name=None,
+        eval_dataset_name=None,
+        eval_strategy="no",
+        eval_on_start=False,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=1,
+    )
+    plan = prepare(parse_recipe("sft", config=mapping), train_dataset=train)
+    trainer = make_trainer(plan, build(plan))
+    trainer.add_callback(_DivergeAtStep(3))
+    with pytest.raises(
+        BoftNumericsError, match=r"layer model\.layers\.1\.mlp\.up_proj, adapter 'default': boft_R has 1 NaN"
+    ):
+        trainer.train()
+    saved = sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*"))
+    assert saved == ["checkpoint-1", "checkpoint-2"]  # the last good one is there, the diverged step's is not
+
+
+def test_torch_compile_through_the_recipe(tmp_path):
+    """``torch_compile: true`` (TrainingArguments' own key) trains the compiled model; aot_eager keeps it quick."""
+    train = Dataset.from_list(sft_examples(32, fmt="prompt_completion"))
+    mapping = tiny_recipe(
+        "sft",
+        tmp_path / "out",
+        {"sft": "unused"},
+        dataset_name=None,
+        eval_dataset_name=None,
+        eval_strategy="no",
+        eval_on_start=False,
+        max_steps=3,
+        logging_steps=1,
+        torch_compile=True,
+        torch_compile_backend="aot_eager",
+    )
+    plan = prepare(parse_recipe("sft", config=mapping), train_dataset=train)
+    trainer = make_trainer(plan, build(plan))
+    trainer.train()
+    assert hasattr(trainer.model_wrapped, "_orig_mod") or hasattr(trainer.model, "_orig_mod")  # really compiled
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
