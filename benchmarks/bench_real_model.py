@@ -1,7 +1,8 @@
 """Whole training step on a real pretrained model and a wider Llama: ours BOFT vs matched LoRA, base and stock PEFT.
 
     python benchmarks/bench_real_model.py [--models smollm2 wide] [--threads 1 2] [--repeats 7] [--warmup 1]
-        [--factors 1 2 4] [--no-stock] [--layers] [--layer-tokens 256 2048] [--device cpu|cuda] [--json PATH]
+        [--factors 1 2 4] [--no-stock] [--compile] [--layers] [--layer-tokens 256 2048] [--device cpu|cuda]
+        [--json PATH]
 
 Rows per model and thread count: the frozen base, LoRA with r matched to BOFT's trainable parameters (one per m),
 ours (boft-plugin through ``register()`` + ``get_peft_model``) with m = 1, 2, 4, and stock PEFT BOFT m = 1 as it runs
@@ -10,7 +11,10 @@ without its CUDA extension (``stock_peft_boft(multi_factor=False)``). Repeats ar
 per-round paired ratios. On the CPU the tables use process CPU time (``time.process_time``: robust to other
 processes on a shared machine, exact work measure with 1 thread) and show wall time next to it; on CUDA, CUDA events
 (bf16). Memory is measured, never computed from shapes: peak RSS during one extra step minus RSS before it (CUDA:
-``torch.cuda.max_memory_allocated``), and the bytes autograd saves during the forward.
+``torch.cuda.max_memory_allocated``), and the bytes autograd saves during the forward. Host-synchronising ops are
+counted at the dispatcher (``boft_plugin.testing.host_syncs``) for one forward + backward and one whole step.
+``--compile`` adds the base, the matched LoRA and ours with every decoder layer compiled (``fullgraph=True``,
+inductor), timed after the warm-up step that compiles them; ratios of compiled rows are to compiled LoRA.
 
 ``--layers`` adds one case per distinct adapted layer shape of the model (forward + backward of that layer alone,
 ``--layer-tokens`` tokens; with the first ``--threads`` value only), whose memory columns give the per-layer extra
@@ -49,6 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--no-stock", action="store_true", help="leave out stock PEFT BOFT m=1")
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also the base, matched LoRA and ours with every decoder layer torch.compile'd (fullgraph, inductor)",
+    )
+    p.add_argument(
         "--stock-budget-s",
         type=float,
         default=420.0,
@@ -83,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             case = RealCase(model, seq=args.seq, batch=args.batch, block_size=args.block_size)
             log(f"[{threads} thread(s)] {case.title}")
             load = os.getloadavg()
-            result = run_real_model(case, args.factors, opts, estimator, stock=not args.no_stock)
+            result = run_real_model(case, args.factors, opts, estimator, stock=not args.no_stock, compiled=args.compile)
             after = os.getloadavg()
             runs.append({"threads": threads, "loadavg_before": load, "loadavg_after": after, "result": result})
             if args.layers and threads == args.threads[0]:  # memory does not depend on the threads

@@ -124,7 +124,11 @@ def run_case(
     ``extra_flops(method)`` gives a stock-PEFT method's FLOPs on top of the frozen base (for the estimate).
     """
     entries = [
-        _Entry(method, {**case, "method": method.key, "label": method.label, "kind": method.kind, "m": method.m})
+        _Entry(
+            method,
+            {**case, "method": method.key, "label": method.label, "kind": method.kind, "m": method.m}
+            | {"compiled": method.compiled},
+        )
         for method in methods
     ]
     for entry in entries:
@@ -185,6 +189,8 @@ def run_case(
                 entry.row["cpu_max_ms"] = round(max(entry.cpu_times), 3)
                 entry.row["cpu_times_ms"] = [round(t, 3) for t in entry.cpu_times]
                 entry.row |= measure_memory(w.forward, w.finish, w.reset, opts.device, w.exclude)
+                if not entry.method.compiled:  # a dispatch mode around compiled code would count nothing real
+                    entry.row |= count_step_syncs(w)
             entry.row["other_cpu_share"] = entry.cpu.share
             entry.row["status"] = "ok"
             _log_row(entry.row)
@@ -195,6 +201,23 @@ def run_case(
     gc.collect()
     release_free_memory()
     return [entry.row for entry in entries]
+
+
+def count_step_syncs(workload: Workload) -> dict:
+    """Host-synchronising ops of one forward + backward, and of one whole step (the optimizer's included)."""
+    from boft_plugin.testing.host_syncs import count_host_syncs
+
+    workload.reset()
+    with count_host_syncs() as forward_backward:
+        workload.forward().backward()
+    workload.reset()
+    with count_host_syncs() as whole:
+        workload.step()
+    return {
+        "host_syncs_fwd_bwd": forward_backward.total,
+        "host_syncs_step": whole.total,
+        "host_syncs_step_ops": dict(whole.counts),
+    }
 
 
 def _log_row(row: dict) -> None:

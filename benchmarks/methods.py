@@ -30,9 +30,14 @@ class Method:
     m: int = 1  # butterfly factors (BOFT kinds; the LoRA rank was matched to BOFT with this m)
     r: int = 0  # LoRA rank
     matched_params: int = 0  # LoRA only: the BOFT parameter count r was matched to
+    compiled: bool = False  # every decoder layer compiled (torch.compile, fullgraph, inductor); model cases only
 
     @property
     def label(self) -> str:
+        return self._eager_label + (", compiled" if self.compiled else "")
+
+    @property
+    def _eager_label(self) -> str:
         if self.kind == "base":
             return "frozen base"
         if self.kind == "ours":
@@ -46,7 +51,8 @@ class Method:
     @property
     def key(self) -> str:
         """Short stable id used in the JSON output."""
-        return {"base": "base", "oft": "oft"}.get(self.kind, f"{self.kind}_m{self.m}" + (f"_r{self.r}" * bool(self.r)))
+        key = {"base": "base", "oft": "oft"}.get(self.kind, f"{self.kind}_m{self.m}" + (f"_r{self.r}" * bool(self.r)))
+        return key + ("_compiled" * self.compiled)
 
     @contextmanager
     def context(self) -> Iterator[None]:
@@ -160,11 +166,21 @@ def layer_methods(in_features: int, out_features: int, block_size: int, factors:
     return _methods({m: (boft_params(in_features, out_features, block_size, m), fan_sum) for m in factors}, factors)
 
 
-def model_methods(linear_shapes: list[tuple[int, int]], block_size: int, factors: list[int]) -> Plan:
-    """Methods of the whole-model case; one LoRA rank per m, matched on the model's total BOFT parameters."""
+def model_methods(
+    linear_shapes: list[tuple[int, int]], block_size: int, factors: list[int], compiled: bool = False
+) -> Plan:
+    """Methods of the whole-model case; one LoRA rank per m, matched on the model's total BOFT parameters.
+
+    ``compiled``: also the base, each matched LoRA and ours per m with every decoder layer compiled.
+    """
     fan_sum = sum(i + o for i, o in linear_shapes)
     targets = {m: (sum(boft_params(i, o, block_size, m) for i, o in linear_shapes), fan_sum) for m in factors}
-    return _methods(targets, factors)
+    methods, lora_by_m = _methods(targets, factors)
+    if compiled:
+        from dataclasses import replace
+
+        methods += [replace(m, compiled=True) for m in methods if m.kind in ("base", "lora", "ours")]
+    return methods, lora_by_m
 
 
 # -- stock PEFT cost estimate ----------------------------------------------------------------------------------

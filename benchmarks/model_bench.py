@@ -68,6 +68,16 @@ def adapted_linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
     ]
 
 
+def compile_decoder_layers(model: nn.Module) -> None:
+    """``torch.compile(fullgraph=True)`` of every decoder layer (regional: one graph serves all the layers).
+
+    The layers share their code, so the graphs of every compared method count against one recompile limit.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for layer in model.model.layers:
+        layer.compile(fullgraph=True)
+
+
 def _builder(case: ModelCase, opts: RunOptions):
     device = opts.device
 
@@ -75,6 +85,8 @@ def _builder(case: ModelCase, opts: RunOptions):
         model = case.build_base().to(device.torch_device, device.dtype)
         model.train()
         trainable = apply_method(method, model, case.block_size, TARGETS)
+        if method.compiled:
+            compile_decoder_layers(model)
         gen = torch.Generator().manual_seed(1)
         ids = torch.randint(0, case.vocab, (case.batch, case.seq), generator=gen).to(device.torch_device)
         params = [p for p in trainable.parameters() if p.requires_grad]
@@ -95,7 +107,7 @@ def _builder(case: ModelCase, opts: RunOptions):
 
         return Workload(
             model=trainable,
-            forward=lambda: trainable(input_ids=ids, labels=ids).loss,
+            forward=lambda: trainable(input_ids=ids, labels=ids, use_cache=False).loss,
             finish=finish,
             reset=reset,
             exclude=[*trainable.parameters(), *trainable.buffers()],

@@ -99,10 +99,12 @@ def _keep(method: Method, stock: bool) -> bool:
     return True
 
 
-def run_real_model(case: RealCase, factors: list[int], opts: RunOptions, estimator: StockEstimator, stock: bool):
+def run_real_model(
+    case: RealCase, factors: list[int], opts: RunOptions, estimator: StockEstimator, stock: bool, compiled: bool = False
+):
     shapes = adapted_linear_shapes(case.meta_base())
     valid = [m for m in factors if all(boft_fits(i, case.block_size, m) for i, _ in shapes)]
-    methods, lora_by_m = model_methods(shapes, case.block_size, valid)
+    methods, lora_by_m = model_methods(shapes, case.block_size, valid, compiled=compiled)
     methods = [method for method in methods if _keep(method, stock) and (method.kind != "ours" or method.m in valid)]
     tokens = case.seq * case.batch
     rows = run_case(

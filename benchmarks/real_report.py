@@ -51,8 +51,20 @@ def _by_key(rows: list[dict]) -> dict[str, dict]:
     return {row["method"]: row for row in rows}
 
 
-def lora_row(rows: list[dict], lora_by_m: dict, m: int) -> dict | None:
-    return _by_key(rows).get(lora_by_m.get(m) or lora_by_m.get(str(m), ""))
+def lora_row(rows: list[dict], lora_by_m: dict, m: int, compiled: bool = False) -> dict | None:
+    """The LoRA row matched to BOFT with ``m`` factors (its compiled twin for a compiled row)."""
+    key = lora_by_m.get(m) or lora_by_m.get(str(m), "")
+    return _by_key(rows).get(key + ("_compiled" * compiled)) if key else None
+
+
+def base_row(rows: list[dict], compiled: bool = False) -> dict | None:
+    return _by_key(rows).get("base" + ("_compiled" * compiled))
+
+
+def _matched(rows: list[dict], row: dict, lora_by_m: dict) -> dict | None:
+    if row["kind"] not in ("ours", "stock"):
+        return None
+    return lora_row(rows, lora_by_m, row["m"], row.get("compiled", False))
 
 
 def key_ratios(result: dict, metric: str) -> dict[str, dict | None]:
@@ -61,9 +73,10 @@ def key_ratios(result: dict, metric: str) -> dict[str, dict | None]:
     out: dict[str, dict | None] = {}
     for row in rows:
         if row["kind"] == "ours":
-            m = row["m"]
-            out[f"ours m={m} / LoRA"] = ratio(row, lora_row(rows, result["lora_by_m"], m), metric)
-            out[f"ours m={m} / base"] = ratio(row, by_key.get("base"), metric)
+            m, compiled = row["m"], row.get("compiled", False)
+            suffix = ", both compiled" if compiled else ""
+            out[f"ours m={m} / LoRA{suffix}"] = ratio(row, lora_row(rows, result["lora_by_m"], m, compiled), metric)
+            out[f"ours m={m} / base{suffix}"] = ratio(row, base_row(rows, compiled), metric)
     out["stock m=1 / ours m=1"] = ratio(by_key.get("stock_m1"), by_key.get("ours_m1"), metric)
     return out
 
@@ -84,17 +97,17 @@ def model_table(result: dict, metric: str, cuda: bool) -> str:
     headers = ["method", "trainable params", first, "× base", "× matched LoRA", "× ours m=1"]
     if metric == "cpu_median_ms":
         headers += ["wall ms median [min–max]", "wall × LoRA"]
-    headers += ["peak ΔRSS MiB", "saved act. MiB"]
+    headers += ["peak ΔRSS MiB", "saved act. MiB", "host syncs fwd+bwd / step"]
     headers += ["CUDA peak MiB"] if cuda else ["other procs CPU"]
     headers.append("note")
     table = []
     for row in rows:
-        lora = lora_row(rows, result["lora_by_m"], row["m"]) if row["kind"] in ("ours", "stock") else None
+        lora = _matched(rows, row, result["lora_by_m"])
         cells = [
             row["label"],
             fmt_int(row.get("trainable_params")),
             _time(row, metric),
-            fmt_ratio(ratio(row, by_key.get("base"), metric), spread=False),
+            fmt_ratio(ratio(row, base_row(rows, row.get("compiled", False)), metric), spread=False),
             fmt_ratio(ratio(row, lora, metric)),
             fmt_ratio(ratio(row, by_key.get("ours_m1"), metric)) if row["kind"] == "stock" else "",
         ]
@@ -102,6 +115,8 @@ def model_table(result: dict, metric: str, cuda: bool) -> str:
             cells += [_time(row, "median_ms"), fmt_ratio(ratio(row, lora, "median_ms"), spread=False)]
         ok = _ok(row)
         cells += [fmt_mib(row.get("rss_delta_bytes")) if ok else "—", fmt_mib(row.get("saved_bytes")) if ok else "—"]
+        syncs = (row.get("host_syncs_fwd_bwd"), row.get("host_syncs_step"))
+        cells.append("—" if not ok or syncs[0] is None else f"{syncs[0]} / {syncs[1]}")
         if cuda:
             cells.append(fmt_mib(row.get("cuda_peak_bytes")) if ok else "—")
         else:

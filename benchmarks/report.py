@@ -13,7 +13,7 @@ def add_ratios(rows: list[dict], lora_by_m: dict[int, str], metric: str = "media
     ``lora_by_m[m]`` = key of the LoRA method matched to BOFT with m factors; ``metric`` is the time compared
     (``median_ms``: wall; ``cpu_median_ms``: process CPU time).
     """
-    rows.sort(key=lambda row: (_KIND_ORDER[row["kind"]], row["m"], row.get("r", 0)))
+    rows.sort(key=lambda row: (row.get("compiled", False), _KIND_ORDER[row["kind"]], row["m"], row.get("r", 0)))
     by_key = {row["method"]: row for row in rows}
 
     def median(key: str | None) -> float | None:

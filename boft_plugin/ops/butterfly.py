@@ -173,14 +173,20 @@ def _level_positions(block_size: int, level: int, device: torch.device) -> Tenso
     cached = _POSITIONS.get(key)
     if cached is not None:
         return cached
+    if torch.compiler.is_compiling():  # traced into the graph; storing it would be a side effect inside a checkpoint
+        return _positions(block_size, level, device)
     with torch.inference_mode(False):
-        b, per = block_size, 2**level
-        size = b * per
-        j, p, q = torch.meshgrid(torch.arange(per), torch.arange(b), torch.arange(b), indexing="ij")
-        inverse = torch.argsort(permute_last_dim(torch.arange(size), level, b))
-        positions = (inverse[j * b + q] * size + inverse[j * b + p]).reshape(-1).to(device)
+        positions = _positions(block_size, level, device)
     _POSITIONS[key] = positions
     return positions
+
+
+def _positions(block_size: int, level: int, device: torch.device) -> Tensor:
+    b, per = block_size, 2**level
+    size = b * per
+    j, p, q = torch.meshgrid(torch.arange(per), torch.arange(b), torch.arange(b), indexing="ij")
+    inverse = torch.argsort(permute_last_dim(torch.arange(size), level, b))
+    return (inverse[j * b + q] * size + inverse[j * b + p]).reshape(-1).to(device)
 
 
 def composition_saved_rows(block_size: int, n_factors: int) -> int:

@@ -268,9 +268,10 @@ class _Cases:
 
     def nan_scale_in_training(self):
         model = self._adapted(torch.nn.Sequential(torch.nn.Linear(32, 16)), target_modules=["0"], boft_block_size=4)
-        with torch.no_grad():
-            model.base_model.model[0].boft_s["default"][3] = float("nan")
-        return self._api(lambda: model(torch.randn(2, 32)), "no output returned")
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        model(torch.randn(2, 32)).sum().backward()
+        model.base_model.model[0].boft_s["default"].grad[3] = float("nan")  # the step diverges
+        return self._api(optimizer.step, "the error is raised by the step that produced the NaN")
 
     def unmerge_zero_scale(self):
         model = self._adapted(torch.nn.Sequential(torch.nn.Linear(32, 16)), target_modules=["0"], boft_block_size=4)
@@ -345,7 +346,7 @@ CASES = {
     "load_adapter, pickle file (allow_pickle not set)": "pickle_adapter",
     "load_adapter, NaN in boft_R": "nan_adapter",
     "load_adapter, stock PEFT CPU file (config m=2, tensors m=1)": "stock_factor_mismatch",
-    "forward with a NaN boft_s": "nan_scale_in_training",
+    "optimizer step that leaves a NaN boft_s": "nan_scale_in_training",
     "unmerge with boft_s = 0": "unmerge_zero_scale",
     "convert --single-factor, a half turn": "convert_half_turn",
     "convert --single-factor, a symbolic link in the source": "convert_symlink",

@@ -59,8 +59,10 @@ class BoftLayer(BOFTLayer):
         self.boft_geometry: dict[str, Geometry] = {}
         self.boft_block_major: dict[str, bool] = {}
         self._boft_block_cache = BlockCache()
-        # adapter -> (every |boft_s| >= SMALL_SCALE, boft_s._version when known): set by the numerics guard
-        self._boft_scale_hints: dict[str, tuple[bool, int | None]] = {}
+        # adapter -> every |boft_s| >= SMALL_SCALE, and boft_s._version then (None: sharded); set by the numerics
+        # guard. Two dicts: a compiled forward reads (and guards on) the first only, so new versions do not recompile.
+        self._boft_scale_large: dict[str, bool] = {}
+        self._boft_scale_version: dict[str, int | None] = {}
         self.register_forward_pre_hook(zero3_pre_forward_hook)
 
     # -- subclass hooks ---------------------------------------------------------------------------------------
@@ -197,20 +199,19 @@ class BoftLayer(BOFTLayer):
         ``boft_s`` (a load, a manual edit) voids it; sharded parameters are re-checked after every step instead.
         """
         param = self.boft_s[adapter_name]
-        version = None if _is_sharded(param) else param._version
-        self._boft_scale_hints[adapter_name] = (all_large, version)
+        if self._boft_scale_large.get(adapter_name) != all_large:  # unchanged: nothing a compiled graph guards on
+            self._boft_scale_large[adapter_name] = all_large
+        self._boft_scale_version[adapter_name] = None if _is_sharded(param) else param._version
 
     def scale_is_large(self, adapters: list[str]) -> bool:
         """Whether backward may recover ``r - b`` from the output (:func:`..ops.scale_shift.scale_shift`)."""
         if len(adapters) != 1:
             return False
-        hint = self._boft_scale_hints.get(adapters[0])
-        if hint is None:
-            return False
-        all_large, version = hint
-        if version is None or torch.compiler.is_compiling():  # compiled: the guard's refresh is what holds
+        all_large = self._boft_scale_large.get(adapters[0], False)
+        if not all_large or torch.compiler.is_compiling():  # compiled: the guard's refresh after each step holds
             return all_large
-        return all_large and version == self.boft_s[adapters[0]]._version
+        version = self._boft_scale_version.get(adapters[0])
+        return version is None or version == self.boft_s[adapters[0]]._version
 
     def scale_vector(self, adapter_name: str) -> Tensor:
         """``boft_s`` of ``adapter_name`` as an ``(out,)`` vector."""

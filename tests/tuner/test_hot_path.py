@@ -159,3 +159,22 @@ def test_autocast_output_dtype_is_the_base_layers_as_with_lora(registered, dtype
         expected = torch.nn.Linear(64, 32)(x).dtype
         assert ours(x).dtype == lora(x).dtype == expected == dtype
     assert ours(x).dtype == torch.float32  # no autocast: the input's dtype
+
+
+def test_training_steps_after_the_first_do_not_recompile(registered, monkeypatch):
+    """The guard refreshes each layer's scale hint every step; a compiled graph must not guard on anything that
+    changes per step (parameter versions), or every step would recompile. Compiled cold (no eager forward first):
+    the recomputed composition must not fill a module-level cache inside the checkpointed region."""
+    from boft_plugin.ops import butterfly
+
+    monkeypatch.setattr(butterfly, "_POSITIONS", {})
+    model = _adapted(2, layers=1).train()
+    compiled = torch.compile(model.base_model.model, fullgraph=True, backend="aot_eager")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    _loss(compiled).backward()
+    optimizer.step()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    for _ in range(3):
+        optimizer.zero_grad()
+        _loss(compiled).backward()
+        optimizer.step()
