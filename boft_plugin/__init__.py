@@ -27,6 +27,7 @@ _LAZY = {
     "BoftCheckpointError": ".errors",
     "BoftNumericsError": ".errors",
     "BoftExportError": ".errors",
+    "BoftQuantisedMergeError": ".errors",
     "ShardingOrderError": ".errors",
     "RecipeError": ".errors",
     "check_numerics": ".tuner.numerics",

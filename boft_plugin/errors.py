@@ -12,6 +12,7 @@ __all__ = [
     "BoftError",
     "BoftExportError",
     "BoftNumericsError",
+    "BoftQuantisedMergeError",
     "BoftSaveError",
     "BoftTargetError",
     "GeometryError",
@@ -58,6 +59,10 @@ class BoftExportError(BoftError, RuntimeError):
 
 class BoftNumericsError(BoftError, FloatingPointError):
     """An adapter's rotation or scale is NaN/Inf; raised instead of letting it spread through the model silently."""
+
+
+class BoftQuantisedMergeError(BoftError, TypeError):
+    """A merge was asked of a quantised layer whose backend cannot dequantise (GPTQ, AWQ, ...); nothing changed."""
 
 
 class ShardingOrderError(BoftError, RuntimeError):

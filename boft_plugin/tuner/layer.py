@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..ops.butterfly import rotate_weight
 from ..ops.scale_shift import SMALL_SCALE
 from .geometry import Geometry, GeometryError, resolve_geometry, scale_shape
+from .quantised import check_mergeable, dequantised_weight
 from .rotation import BlockCache, application_blocks, effective_blocks_from, min_application_width
 from .zero3 import zero3_pre_forward_hook
 
@@ -88,12 +89,15 @@ class BoftLayer(BOFTLayer):
         """Inverse of :meth:`weight_to_matrix`."""
         raise NotImplementedError
 
-    def _weight_matrix(self) -> Tensor:
-        return self.weight_to_matrix(self.get_base_weight())
+    def _weight_matrix(self) -> tuple[Tensor, torch.Size, torch.dtype]:
+        """The base weight as an ``(out, width)`` matrix (dequantised once for a quantised base), its shape and
+        dtype."""
+        weight = dequantised_weight(self)
+        return self.weight_to_matrix(weight), weight.shape, weight.dtype
 
-    def _store_weight_matrix(self, matrix: Tensor) -> None:
-        weight = self.get_base_weight()
-        self.set_base_weight(self.matrix_to_weight(matrix, weight.shape).contiguous().to(weight.dtype))
+    def _store_weight_matrix(self, matrix: Tensor, shape: torch.Size, dtype: torch.dtype) -> None:
+        """Write an ``(out, width)`` matrix back as the base weight (re-quantised by the layer's backend)."""
+        self.set_base_weight(self.matrix_to_weight(matrix, shape).contiguous().to(dtype))
 
     # -- adapter creation -------------------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config, **kwargs) -> None:
@@ -236,17 +240,21 @@ class BoftLayer(BOFTLayer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Merge adapters into the base weight: ``W' = (B @ W^T)^T * boft_s``, one adapter after another.
 
-        With ``safe_merge`` the merged weight is checked for NaN/Inf before anything is written.
+        The weight is read once, every adapter is applied in float32 and the result written once: on a quantised
+        base that is one dequantisation and one re-quantisation with the layer's own settings, whatever the number
+        of adapters. With ``safe_merge`` the merged weight is checked for NaN/Inf before anything is written.
         """
-        adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.boft_R]
+        if not adapter_names:
+            return
+        check_mergeable(self, "merge")
+        merged, shape, dtype = self._weight_matrix()
         for name in adapter_names:
-            if name not in self.boft_R:
-                continue
-            merged = self._merged_matrix(self._weight_matrix(), name)
+            merged = self._merged_matrix(merged, name)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            self._store_weight_matrix(merged)
-            self.merged_adapters.append(name)
+        self._store_weight_matrix(merged, shape, dtype)
+        self.merged_adapters.extend(adapter_names)
 
     def unmerge(self) -> None:
         """Undo :meth:`merge` for every merged adapter, last merged first."""
@@ -260,7 +268,16 @@ class BoftLayer(BOFTLayer):
                 "0 for some outputs, so those rows of the merged weight are 0 and the base weight cannot be "
                 "recovered; the layer stays merged"
             )
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
+        check_mergeable(self, "unmerge")
+        if self.quantization_backend is not None:
+            warnings.warn(
+                "unmerging BOFT adapters from a quantised base layer re-quantises its weight: the base is then "
+                "within one quantisation step of the original, not equal to it (merge only to export or serve)",
+                stacklevel=2,
+            )
+        matrix, shape, dtype = self._weight_matrix()
+        for name in reversed(self.merged_adapters):
             if name in self.boft_R:
-                self._store_weight_matrix(self._unmerged_matrix(self._weight_matrix(), name))
+                matrix = self._unmerged_matrix(matrix, name)
+        self._store_weight_matrix(matrix, shape, dtype)
+        self.merged_adapters.clear()

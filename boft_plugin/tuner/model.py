@@ -17,6 +17,7 @@ from .conv import BoftConv2d
 from .layer import BoftLayer
 from .linear import BoftLinear
 from .numerics import track
+from .quantised import quantisation_kwargs
 from .state_dict import (
     check_adapter_tensors,
     expected_adapter_shapes,
@@ -110,7 +111,8 @@ class BoftTuner(BOFTModel):
         if isinstance(target, BoftLayer):
             target.update_layer(adapter_name, config=boft_config)
             return
-        new_module = self._create_new_module(boft_config, adapter_name, target)
+        # torchao's requantisation settings, as PEFT passes them to its layers (quantised.py)
+        new_module = self._create_new_module(boft_config, adapter_name, target, **quantisation_kwargs(self.model))
         new_module.boft_module_name = current_key  # for error messages
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an additional adapter is not trainable until set_adapter
@@ -119,7 +121,7 @@ class BoftTuner(BOFTModel):
     @staticmethod
     def _create_new_module(boft_config, adapter_name: str, target: nn.Module, **kwargs) -> nn.Module:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        reason = unsupported_reason(base)
+        reason = unsupported_reason(base, kwargs)
         if reason:
             raise TypeError(f"Target module {target}: {reason}")
         kind = layer_kind(base)
@@ -132,7 +134,7 @@ class BoftTuner(BOFTModel):
                     "padding: this adapter loads in stock PEFT but gives different outputs there",
                     stacklevel=2,
                 )
-            return BoftConv2d(target, adapter_name, config=boft_config)
+            return BoftConv2d(target, adapter_name, config=boft_config, **kwargs)
         if kind == "linear" and boft_config.fan_in_fan_out:
             warnings.warn(
                 "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
@@ -146,7 +148,7 @@ class BoftTuner(BOFTModel):
                 stacklevel=2,
             )
             boft_config.fan_in_fan_out = True
-        return BoftLinear(target, adapter_name, config=boft_config)
+        return BoftLinear(target, adapter_name, config=boft_config, **kwargs)
 
 
 BoftModel = BoftTuner  # the name before 0.2 (it differed from PEFT's BOFTModel by case only); kept one release

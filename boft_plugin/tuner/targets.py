@@ -17,6 +17,7 @@ from ..errors import BoftTargetError
 from ..runtime.upstream import include_all_linear_layers, is_excluded_match, target_module_matches
 from .geometry import Geometry, GeometryError, resolve_geometry, scale_shape, suggest_valid_choices
 from .layer import BoftLayer
+from .quantised import quantisation_backend, quantisation_kwargs
 
 try:  # transformers is optional for the tuner itself
     from transformers.pytorch_utils import Conv1D
@@ -24,22 +25,40 @@ except ImportError:  # pragma: no cover - transformers is a dependency of the pa
     Conv1D = None
 
 
+def _backend_or_none(module: nn.Module, **quant_kwargs):
+    try:
+        return quantisation_backend(module, **quant_kwargs)
+    except ValueError:  # a torchao layer without its model's requantisation settings: refused in quantised_reason
+        return None
+
+
 def layer_kind(module: nn.Module) -> str | None:
-    """``'linear'``, ``'conv1d'`` (transformers), ``'conv2d'``, or None for a type we do not adapt."""
+    """``'linear'``, ``'conv1d'`` (transformers), ``'conv2d'``, or None for a type we do not adapt.
+
+    bitsandbytes and torchao layers are ``nn.Linear``s; other quantised layers (HQQ, GPTQ, ...) take the kind
+    their PEFT quantisation backend declares, as in stock PEFT's BOFT.
+    """
     if isinstance(module, nn.Linear):
         return "linear"
     if Conv1D is not None and isinstance(module, Conv1D):
         return "conv1d"
     if isinstance(module, nn.Conv2d):
         return "conv2d"
-    return None
+    backend = _backend_or_none(module)
+    return getattr(backend, "layer_type", None) if backend is not None else None
+
+
+def _quantised_in_out(module: nn.Module) -> tuple[int, int]:
+    from peft.tuners.tuners_utils import _get_in_out_features
+
+    return _get_in_out_features(module)
 
 
 def rotated_width(module: nn.Module) -> int:
     """Width the rotation acts on for a supported base module (ZeRO-3-partitioned weights included)."""
     kind = layer_kind(module)
     if kind == "linear":
-        return module.in_features
+        return module.in_features if isinstance(module, nn.Linear) else _quantised_in_out(module)[0]
     if kind == "conv1d":
         shape = getattr(module.weight, "ds_shape", module.weight.shape)
         return int(shape[0])
@@ -48,8 +67,8 @@ def rotated_width(module: nn.Module) -> int:
     raise TypeError(f"unsupported layer type {type(module).__name__}")
 
 
-# Quantised linear layers of bitsandbytes and other libraries subclass nn.Linear; refused by class name (their
-# weight may not be packed yet when the adapter is added) and, for unknown libraries, by their weight.
+# Quantised layers no PEFT quantisation backend handles (a library PEFT does not know, or one not installed) are
+# refused: by class name (their weight may not be packed yet when the adapter is added), otherwise by their weight.
 QUANTISED_CLASS_NAMES = frozenset(
     {
         "Linear4bit",
@@ -74,15 +93,23 @@ def _declared_weight_shape(module: nn.Module, kind: str) -> tuple[int, ...]:
     return (module.out_features, module.in_features)
 
 
-def quantised_reason(module: nn.Module, kind: str) -> str | None:
-    """Why ``module`` is a quantised layer BOFT must not adapt (merge and export would rotate packed weights)."""
+def quantised_reason(module: nn.Module, kind: str, quant_kwargs: dict | None = None) -> str | None:
+    """Why ``module`` is a quantised layer BOFT cannot adapt (None: a plain layer, or one a PEFT backend handles).
+
+    ``quant_kwargs``: what the model gives PEFT's backends (:func:`.quantised.quantisation_kwargs`).
+    """
     name = f"{type(module).__module__}.{type(module).__name__}"
+    try:
+        if quantisation_backend(module, **(quant_kwargs or {})) is not None:
+            return None  # PEFT's backend dequantises / re-quantises it (or runs it forward only), as stock BOFT
+    except ValueError as err:
+        return f"layer type {name} is quantised, but PEFT's quantisation backend cannot handle it here: {err}"
     for cls in type(module).__mro__:
         if cls.__module__.split(".")[0] == "bitsandbytes" or cls.__name__ in QUANTISED_CLASS_NAMES:
             return (
-                f"layer type {name} is a quantised layer ({cls.__name__}); BOFT rotates and merges a floating-point "
-                "weight and is not applied to quantised layers: load the model unquantised (or dequantize first), "
-                "or target these layers with LoRA"
+                f"layer type {name} is a quantised layer ({cls.__name__}) that none of PEFT's quantisation "
+                "backends handles (is its library installed in a version PEFT supports?): load the model "
+                "unquantised (or dequantize first), or quantise it with bitsandbytes, HQQ or torchao"
             )
     weight = getattr(module, "weight", None)
     if weight is None:
@@ -98,7 +125,7 @@ def quantised_reason(module: nn.Module, kind: str) -> str | None:
     return None
 
 
-def unsupported_reason(module: nn.Module) -> str | None:
+def unsupported_reason(module: nn.Module, quant_kwargs: dict | None = None) -> str | None:
     """Why BOFT cannot adapt ``module`` (None when it can); checked for every target before anything changes."""
     kind = layer_kind(module)
     if kind is None:
@@ -106,7 +133,7 @@ def unsupported_reason(module: nn.Module) -> str | None:
             f"layer type {type(module).__module__}.{type(module).__name__} is not supported "
             "(supported: torch.nn.Linear, transformers Conv1D, torch.nn.Conv2d with groups=1 and a square kernel)"
         )
-    quantised = quantised_reason(module, kind)
+    quantised = quantised_reason(module, kind, quant_kwargs)
     if quantised:
         return quantised
     if kind == "conv2d" and module.groups > 1:
@@ -156,7 +183,9 @@ def _out_features(module: nn.Module) -> int:
     kind = layer_kind(module)
     if kind == "conv1d":
         return int(getattr(module.weight, "ds_shape", module.weight.shape)[1])
-    return module.out_channels if kind == "conv2d" else module.out_features
+    if kind == "conv2d":
+        return module.out_channels
+    return module.out_features if isinstance(module, nn.Linear) else _quantised_in_out(module)[1]
 
 
 def resolve_target_modules(config, model: nn.Module):
@@ -187,6 +216,7 @@ def plan_targets(model: nn.Module, config) -> tuple[dict[str, TargetPlan], list[
     Works on a model on the meta device (no weights needed): the recipes check a config before loading anything.
     """
     config = resolve_target_modules(config, model)
+    quant_kwargs = quantisation_kwargs(model)
     tuner_prefixes: list[str] = []
     problems: list[str] = []
     plans: dict[str, TargetPlan] = {}
@@ -204,7 +234,7 @@ def plan_targets(model: nn.Module, config) -> tuple[dict[str, TargetPlan], list[
                 "after register() to add adapters"
             )
             continue
-        reason = unsupported_reason(base)
+        reason = unsupported_reason(base, quant_kwargs)
         if reason:
             problems.append(f"{key}: {reason}")
             continue
