@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from ..distributed.gather import full_tensor, settle_zero3, unwrap_peft_model
 from ..runtime.ranks import raise_if_any_rank_failed, rank
 from ..tuner.layer import BoftLayer, merge_matrix
 from .publish import MODEL_WEIGHTS, publish_export
+from .quantised_source import FloatWeights
 from .safetensors_stream import (
     DEFAULT_MAX_SHARD_SIZE,
     ShardWriter,
@@ -79,6 +81,7 @@ def export_merged(
     safe_serialization: bool = True,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     extra_files: Callable[[Path], None] | None = None,
+    full_precision_checkpoint: str | os.PathLike | None = None,
 ) -> Path | None:
     """Write a plain transformers model whose weights have the active BOFT adapters merged in, streaming.
 
@@ -89,6 +92,12 @@ def export_merged(
     ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``, ``config.json``,
     ``generation_config.json``; a tied weight (``lm_head.weight`` tied to the embeddings) is written once. Everything
     appears atomically (``extra_files(staging)``, e.g. a tokenizer, included). Returns the directory on rank 0.
+
+    A model with quantised base layers (bitsandbytes 4-bit / 8-bit, ...) is exported at full precision: each
+    quantised layer's weight is read from ``full_precision_checkpoint`` (default: the directory the model was loaded
+    from, when it is a safetensors checkpoint that is not itself quantised) and the adapter merged into it, else
+    its dequantised weight is merged; a warning says which (:mod:`.quantised_source`). The config has no
+    ``quantization_config``.
     """
     if not safe_serialization:
         raise ValueError("export_merged writes safetensors only (safe_serialization=True)")
@@ -96,6 +105,13 @@ def export_merged(
     peft_model = unwrap_peft_model(model)
     base_model = peft_model.get_base_model()
     tied = tied_keys(base_model)
+    float_weights = FloatWeights(base_model, full_precision_checkpoint)
+    if float_weights.source == "dequantised" and rank() == 0:
+        warnings.warn(
+            "export_merged: the model's quantised layers have no full-precision checkpoint to read (pass "
+            "full_precision_checkpoint=...); the merged model holds their dequantised weights, merged in float32",
+            stacklevel=2,
+        )
     order: list[tuple[TensorEntry, Tensor, BoftLayer | None]] = []
     seen: dict[int, str] = {}
     for key, tensor, layer in _plain_tensors(base_model, ""):  # planned without gathering anything
@@ -103,8 +119,9 @@ def export_merged(
         if first is not None and (key in tied or first in tied):
             continue  # the same tensor under a tied name: written once, as save_pretrained does
         seen[id(tensor)] = key
-        shape = global_shape(tensor)
-        order.append((TensorEntry(key, shape, tensor.dtype, math.prod(shape) * tensor.element_size()), tensor, layer))
+        source = float_weights.get(tensor)
+        shape, dtype = (source.shape, source.dtype) if source else (global_shape(tensor), tensor.dtype)
+        order.append((TensorEntry(key, shape, dtype, math.prod(shape) * dtype.itemsize), tensor, layer))
     plan = plan_shards([entry for entry, _, _ in order], max_shard_size)
     parameters = sum(math.prod(entry.shape) for entry, tensor, _ in order if isinstance(tensor, nn.Parameter))
 
@@ -120,7 +137,8 @@ def export_merged(
         raise_if_any_rank_failed(failure)
         with torch.no_grad():
             for entry, tensor, layer in order:
-                value = full_tensor(tensor, prefer_fp32_master=False)  # collective: every rank, every tensor
+                source = float_weights.get(tensor)
+                value = source.read() if source else full_tensor(tensor, prefer_fp32_master=False)  # collective
                 if layer is not None:
                     value = _merged_weight(layer, value)
                 if writer is not None and failure is None:
@@ -134,7 +152,7 @@ def export_merged(
                 writer.close(require_complete=failure is None)
                 if failure is not None:
                     raise failure
-                _finish(staging, plan, parameters, base_model, extra_files)
+                _finish(staging, plan, parameters, base_model, extra_files, _written_dtype(order))
                 stack.close()  # publish
             except Exception as err:  # noqa: BLE001 - nothing is published; every rank raises below
                 failure = err
@@ -143,7 +161,16 @@ def export_merged(
     return Path(output_dir) if writer_rank else None
 
 
-def _finish(staging: Path, plan, parameters: int, base_model: nn.Module, extra_files) -> None:
+def _written_dtype(order) -> torch.dtype | None:
+    """The floating dtype most of the written bytes have (the config's ``dtype``)."""
+    sizes: dict[torch.dtype, int] = {}
+    for entry, _, _ in order:
+        if entry.dtype.is_floating_point:
+            sizes[entry.dtype] = sizes.get(entry.dtype, 0) + entry.nbytes
+    return max(sizes, key=sizes.get) if sizes else None
+
+
+def _finish(staging: Path, plan, parameters: int, base_model: nn.Module, extra_files, dtype) -> None:
     """The index (when sharded), the configs and the extra files, next to the shards."""
     if len(plan.files) > 1:
         index = {
@@ -151,6 +178,6 @@ def _finish(staging: Path, plan, parameters: int, base_model: nn.Module, extra_f
             "weight_map": {entry.key: entry.file for entry in plan.entries},
         }
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    save_configs(base_model, staging)
+    save_configs(base_model, staging, dtype)
     if extra_files is not None:
         extra_files(staging)

@@ -190,12 +190,19 @@ def tied_keys(base_model: nn.Module) -> set[str]:
     return tied
 
 
-def save_configs(base_model: nn.Module, directory: Path) -> None:
-    """``config.json`` (+ ``generation_config.json``) as ``save_pretrained`` writes them for the plain model."""
+def save_configs(base_model: nn.Module, directory: Path, dtype: torch.dtype | None = None) -> None:
+    """``config.json`` (+ ``generation_config.json``) as ``save_pretrained`` writes them for the plain model.
+
+    ``dtype``: the weights' dtype (default: the first floating parameter's); a ``quantization_config`` is dropped
+    (the exported weights are plain).
+    """
     import copy
 
     config = copy.deepcopy(base_model.config)
-    dtype = next((p.dtype for p in base_model.parameters() if p.is_floating_point()), None)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if dtype is None:
+        dtype = next((p.dtype for p in base_model.parameters() if p.is_floating_point()), None)
     if dtype is not None:
         config.dtype = str(dtype).split(".")[1]
     config.architectures = [type(base_model).__name__.removeprefix("FSDP")]

@@ -19,6 +19,7 @@ from ..errors import BoftQuantisedMergeError
 
 __all__ = [
     "check_mergeable",
+    "dequantise",
     "dequantised_weight",
     "describe_backend",
     "quantisation_backend",
@@ -81,6 +82,13 @@ def check_mergeable(layer, action: str) -> None:
 
 
 @torch.no_grad()
+def dequantise(base_layer: nn.Module, backend) -> Tensor:
+    """A quantised layer's weight as a new float ``(out, in)`` tensor (the dtype it was loaded in)."""
+    _unpack_bnb_cpu_layout(base_layer)
+    return backend.get_base_weight(base_layer)
+
+
+@torch.no_grad()
 def dequantised_weight(layer) -> Tensor:
     """The base weight of a PEFT tuner layer as a float tensor in the base layer's own layout.
 
@@ -88,5 +96,5 @@ def dequantised_weight(layer) -> Tensor:
     plain layers return ``weight.data`` itself.
     """
     if layer.quantization_backend is not None:
-        _unpack_bnb_cpu_layout(layer.get_base_layer())
+        return dequantise(layer.get_base_layer(), layer.quantization_backend)
     return layer.get_base_weight()
