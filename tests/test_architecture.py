@@ -38,6 +38,7 @@ RECIPE_LAYERS = {
     "hub": 0,
     "output_guard": 0,
     "outputs": 0,
+    "quantisation": 0,
     "parsing": 1,
     "model_source": 1,
     "geometry_check": 2,

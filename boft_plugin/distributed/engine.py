@@ -105,12 +105,17 @@ class Engine:
         return rank_device()
 
     def load_base(self, spec: BaseModelSpec) -> nn.Module:
-        """The whole base model with ``from_pretrained`` (the trainer moves it to :meth:`device`)."""
+        """The whole base model with ``from_pretrained`` (the trainer moves it to :meth:`device`).
+
+        A quantised base (``quantization_config``) is quantised while it loads, straight onto this rank's device:
+        bitsandbytes models cannot be moved afterwards.
+        """
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(
-            spec.path, trust_remote_code=spec.trust_remote_code, **spec.from_pretrained_kwargs
-        )
+        kwargs = dict(spec.from_pretrained_kwargs)
+        if kwargs.get("quantization_config") is not None:
+            kwargs.setdefault("device_map", {"": self.device()})
+        return AutoModelForCausalLM.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code, **kwargs)
 
     def adapt(self, model: nn.Module, request: AdapterRequest) -> tuple[nn.Module, Any]:
         """``(model, peft_config)``: a new adapter is left to the trainer (TRL wraps the model with the config); an

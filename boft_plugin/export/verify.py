@@ -39,20 +39,41 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def _load_base(base: str, output_dir: Path):
+@dataclass(frozen=True)
+class BaseModel:
+    """The base model a run's adapter is reloaded onto: its path, and the quantisation the run trained on."""
+
+    path: str
+    quantization_config: dict | None = None  # transformers' BitsAndBytesConfig.to_dict() (probe_logits.pt)
+
+    def __str__(self) -> str:
+        return self.path
+
+    def full_precision(self) -> BaseModel:
+        return BaseModel(self.path)
+
+
+def _load_base(base: BaseModel, output_dir: Path, device=None):
     import torch
     from transformers import AutoModelForCausalLM
 
+    kwargs = {}
+    if base.quantization_config is not None:  # the same quantisation as the training run, placed while loading
+        from transformers import BitsAndBytesConfig
+
+        config = BitsAndBytesConfig.from_dict(base.quantization_config)
+        kwargs = {"quantization_config": config, "device_map": {"": device or "cpu"}}
     try:
-        return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    except (OSError, ValueError) as err:
+        model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, **kwargs)
+        return model if device is None or kwargs else model.to(device)
+    except (OSError, ValueError, ImportError) as err:
         raise VerifyError(
-            f"{output_dir}: the base model {base!r} (base_model_name_or_path in adapter_config.json) cannot be "
+            f"{output_dir}: the base model {base.path!r} (base_model_name_or_path in adapter_config.json) cannot be "
             f"loaded ({_first_line(err)}); pass --base_model PATH"
         ) from None
 
 
-def _stock_logits(adapter_dir: Path, base: str, input_ids, multi_factor: bool):
+def _stock_logits(adapter_dir: Path, base: BaseModel, input_ids, multi_factor: bool):
     """Logits of stock PEFT's BOFT on ``adapter_dir``: its real m-factor maths (oracle) or as on this machine."""
     import torch
     from peft import PeftModel
@@ -68,7 +89,7 @@ def _stock_logits(adapter_dir: Path, base: str, input_ids, multi_factor: bool):
     return logits, factors, f"{type(layer).__module__}.{type(layer).__name__}"
 
 
-def _stock_on_cuda(adapter_dir: Path, base: str, input_ids, expected, factors: int) -> dict:
+def _stock_on_cuda(adapter_dir: Path, base: BaseModel, input_ids, expected, factors: int) -> dict:
     """Stock PEFT unpatched on CUDA tensors: whether its extension built (``extension``: ``built``, ``fell back
     to one factor`` or ``failed``), and its logits against ours."""
     import torch
@@ -79,7 +100,7 @@ def _stock_on_cuda(adapter_dir: Path, base: str, input_ids, expected, factors: i
     device = torch.device("cuda", torch.cuda.current_device())
     try:
         with stock_peft_as_installed():
-            model = PeftModel.from_pretrained(_load_base(base, adapter_dir).to(device), str(adapter_dir)).eval()
+            model = PeftModel.from_pretrained(_load_base(base, adapter_dir, device), str(adapter_dir)).eval()
             layer = next(m for m in model.modules() if hasattr(m, "boft_R") and len(m.boft_R))
             with torch.no_grad():
                 logits = model(input_ids=input_ids.to(device)).logits.float().cpu()
@@ -103,7 +124,7 @@ def _stock_on_cuda(adapter_dir: Path, base: str, input_ids, expected, factors: i
     }
 
 
-def _as_installed(adapter_dir: Path, base: str, input_ids, expected, config: dict) -> dict:
+def _as_installed(adapter_dir: Path, base: BaseModel, input_ids, expected, config: dict) -> dict:
     """Stock PEFT exactly as it behaves here (see the module docstring)."""
     import torch
 
@@ -125,7 +146,7 @@ def _as_installed(adapter_dir: Path, base: str, input_ids, expected, config: dic
     return {**result, "loads": True, "factors": got, "rel_err": max_relative_error(logits, expected)}
 
 
-def _ours_logits(adapter_dir: Path, base: str, input_ids):
+def _ours_logits(adapter_dir: Path, base: BaseModel, input_ids):
     """boft-plugin's own reload of ``adapter_dir`` (float32), leaving PEFT's routing as it was."""
     import torch
 
@@ -142,7 +163,7 @@ def _ours_logits(adapter_dir: Path, base: str, input_ids):
             unregister()
 
 
-def _single_factor_report(directory: Path, original: Path, base: str, input_ids, expected) -> dict:
+def _single_factor_report(directory: Path, original: Path, base: BaseModel, input_ids, expected) -> dict:
     """Stock PEFT as installed on the single-factor export, against the probe and against ours on the original."""
     config = json.loads((directory / "adapter_config.json").read_text())
     report = {"dir": str(directory), "block_size": config.get("boft_block_size")}
@@ -153,7 +174,7 @@ def _single_factor_report(directory: Path, original: Path, base: str, input_ids,
     return report
 
 
-def _probe(output_dir: Path, base: str):
+def _probe(output_dir: Path, base: BaseModel):
     """(input ids, expected logits, where the expectation comes from, the dtype they were computed in)."""
     import torch
 
@@ -163,7 +184,7 @@ def _probe(output_dir: Path, base: str):
         return probe["input_ids"], probe["logits"], f"training run ({PROBE_FILE})", probe.get("compute_dtype")
     from transformers import AutoTokenizer
 
-    source = output_dir if (output_dir / "tokenizer_config.json").is_file() else base
+    source = output_dir if (output_dir / "tokenizer_config.json").is_file() else base.path
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError) as err:
@@ -175,25 +196,51 @@ def _probe(output_dir: Path, base: str):
     return ids, expected, f"boft-plugin reload (no {PROBE_FILE} saved)", str(expected.dtype)
 
 
+def _probe_quantisation(output_dir: Path) -> dict | None:
+    """The quantisation the training run's base had (recorded in its probe), None for a full-precision base."""
+    import torch
+
+    probe_file = output_dir / PROBE_FILE
+    if not probe_file.is_file():
+        return None
+    recorded = torch.load(probe_file, weights_only=True).get("quantization_config")
+    return json.loads(recorded) if recorded else None
+
+
 def reload_and_compare(
-    adapter_dir: str | os.PathLike, base_model: str, input_ids, expected, merged_dir: str | os.PathLike | None = None
+    adapter_dir: str | os.PathLike,
+    base_model: str | BaseModel,
+    input_ids,
+    expected,
+    merged_dir: str | os.PathLike | None = None,
 ) -> dict:
-    """Oracle and merged comparisons of one exported adapter (see the module docstring)."""
+    """Oracle and merged comparisons of one exported adapter (see the module docstring).
+
+    On a quantised base the oracle runs on the same quantised base; the merged model (full precision) is compared
+    with boft-plugin's reload of the adapter onto the full-precision base, which is what it was merged into.
+    """
     adapter_dir = Path(adapter_dir)
-    logits, factors, layer = _stock_logits(adapter_dir, base_model, input_ids, multi_factor=True)
+    base = base_model if isinstance(base_model, BaseModel) else BaseModel(str(base_model))
+    logits, factors, layer = _stock_logits(adapter_dir, base, input_ids, multi_factor=True)
     report = {
-        "base_model": base_model,
+        "base_model": base.path,
         "n_butterfly_factor": factors,
         "stock_layer": layer,
         "oracle_rel_err": max_relative_error(logits, expected),
     }
+    if base.quantization_config is not None:
+        report["quantised_base"] = base.quantization_config.get("quant_method", "quantised")
     if merged_dir is not None:
         import torch
         from transformers import AutoModelForCausalLM
 
         plain = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+        reference = expected
+        if base.quantization_config is not None:
+            reference = _ours_logits(adapter_dir, base.full_precision(), input_ids)
+            report["merged_against"] = "boft-plugin on the full-precision base"
         with torch.no_grad():
-            report["merged_rel_err"] = max_relative_error(plain(input_ids=input_ids).logits.float(), expected)
+            report["merged_rel_err"] = max_relative_error(plain(input_ids=input_ids).logits.float(), reference)
     return report
 
 
@@ -229,14 +276,15 @@ def verify_outputs(
         raise VerifyError(
             f"{config_file}: cannot be read ({_first_line(err)}); is {output_dir} a run's output_dir?"
         ) from None
-    base = base_model or config.get("base_model_name_or_path")
-    if not base:
+    base_path = base_model or config.get("base_model_name_or_path")
+    if not base_path:
         raise VerifyError(f"{config_file} names no base model; pass --base_model PATH")
-    if os.path.isabs(os.path.expanduser(base)) and not os.path.exists(os.path.expanduser(base)):
+    if os.path.isabs(os.path.expanduser(base_path)) and not os.path.exists(os.path.expanduser(base_path)):
         raise VerifyError(
-            f"{output_dir}: the base model {base} (base_model_name_or_path in adapter_config.json) does not exist; "
-            "pass --base_model PATH"
+            f"{output_dir}: the base model {base_path} (base_model_name_or_path in adapter_config.json) does not "
+            "exist; pass --base_model PATH"
         )
+    base = BaseModel(base_path, _probe_quantisation(output_dir))
     ids, expected, source, compute_dtype = _probe(output_dir, base)
     merged_dir = output_dir / MERGED_DIR
     check_merged = merged or (merged is None and merged_dir.is_dir())

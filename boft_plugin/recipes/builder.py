@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..distributed.engine import AdapterRequest, BaseModelSpec
 from ..errors import RecipeError
 from .model_source import causal_lm_class, write_config_model
+from .quantisation import quantisation_config
 
 if TYPE_CHECKING:
     from .parsing import Recipe
@@ -38,9 +39,14 @@ class Built:
 
 
 def _from_pretrained_kwargs(recipe) -> dict:
-    """TRL's scripts' model kwargs: revision, attn_implementation, dtype, + model_init_kwargs."""
+    """TRL's scripts' model kwargs: revision, attn_implementation, dtype, quantization_config, + model_init_kwargs."""
     model, training = recipe.model, recipe.training
-    kwargs = {"revision": model.model_revision, "attn_implementation": model.attn_implementation, "dtype": model.dtype}
+    kwargs = {
+        "revision": model.model_revision,
+        "attn_implementation": model.attn_implementation,
+        "dtype": model.dtype,
+        "quantization_config": quantisation_config(model),
+    }
     extra = training.model_init_kwargs
     if isinstance(extra, str):
         extra = json.loads(extra)

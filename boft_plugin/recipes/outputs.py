@@ -67,6 +67,10 @@ def write_probe(model, tokenizer, text: str, path: str | os.PathLike, device=Non
         from ..runtime.atomic import atomic_file
 
         probe = {"text": text, "input_ids": ids, "logits": raw.float().cpu(), "compute_dtype": str(raw.dtype)}
+        quantisation = getattr(peft_model.get_base_model().config, "quantization_config", None)
+        if quantisation is not None:  # verify reloads the base quantised the same way (JSON: weights_only loads)
+            as_dict = quantisation if isinstance(quantisation, dict) else quantisation.to_dict()
+            probe["quantization_config"] = json.dumps(as_dict, default=str)
         with atomic_file(path) as staging:
             torch.save(probe, staging)
     barrier()

@@ -8,8 +8,8 @@ argparse defaults). Differences from TRL's scripts, on purpose:
 
 - an unknown YAML key or flag is an error naming it (TRL's scripts pass ``fail_with_unknown_args=False`` and
   drop unknown YAML keys silently);
-- ``ModelConfig``'s LoRA and quantisation keys are refused (this is a BOFT recipe; quantised layers are not
-  adapted by BOFT).
+- ``ModelConfig``'s LoRA keys are refused (this is a BOFT recipe); its bitsandbytes keys (``load_in_4bit``, ...)
+  load a quantised base as TRL's scripts do (:mod:`.quantisation`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .args import BoftArguments, RecipeOptions
 
 TASKS = ("sft", "dpo")
 
-# ModelConfig keys that select LoRA or quantisation; a BOFT recipe refuses them when set to a non-default value.
+# ModelConfig keys that select LoRA; a BOFT recipe refuses them when set to a non-default value.
 _REFUSED_MODEL_KEYS = {
     "use_peft": "the BOFT adapter is always used; set boft_* keys",
     "lora_r": "use boft_block_size / boft_block_num",
@@ -39,8 +39,6 @@ _REFUSED_MODEL_KEYS = {
     "lora_task_type": "the task type is CAUSAL_LM",
     "use_rslora": "a LoRA option",
     "use_dora": "a LoRA option",
-    "load_in_8bit": "quantised layers are not adapted by BOFT",
-    "load_in_4bit": "quantised layers are not adapted by BOFT",
 }
 
 
@@ -71,7 +69,7 @@ def _dataclass_types(task: str) -> tuple[type, ...]:
 def make_parser(task: str, prog: str | None = None):
     """TRL's ``TrlParser`` over the recipe's dataclasses for ``task`` ('sft' or 'dpo').
 
-    Its help shows ``--config`` first and hides the LoRA and quantisation flags a BOFT recipe refuses.
+    Its help shows ``--config`` first and hides the LoRA flags a BOFT recipe refuses.
     """
     import argparse
 

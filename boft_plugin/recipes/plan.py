@@ -24,6 +24,7 @@ from .model_source import (
     model_source,
 )
 from .output_guard import check_output_dir
+from .quantisation import check_quantisation
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -85,6 +86,8 @@ def prepare(recipe: Recipe, train_dataset=None, eval_dataset=None) -> RunPlan:
     :class:`~boft_plugin.errors.RecipeError` naming the key, file or module at fault; writes nothing.
     """
     training, options = recipe.training, recipe.options
+    engine = engine_of(training, options)
+    check_quantisation(recipe.model, engine)
     train, evaluation = load_recipe_data(recipe, train_dataset, eval_dataset)
     check_data_order(training, options, _length(train), recipe.task)
     source = model_source(recipe)
@@ -108,6 +111,6 @@ def prepare(recipe: Recipe, train_dataset=None, eval_dataset=None) -> RunPlan:
         tokenizer=tokenizer,
         train_dataset=train,
         eval_dataset=evaluation,
-        engine=engine_of(training, options),
+        engine=engine,
         resume=resume,
     )

@@ -43,6 +43,7 @@ from .checkpoints.markers import is_checkpoint_writer
 from .dpo_reference import sync_reference_adapter
 from .outputs import PROBE_FILE, SINGLE_FACTOR_DIR, export_merged_model, summarize, write_probe, write_summary
 from .plan import RunPlan, prepare
+from .quantisation import describe_quantisation, quantisation_config
 
 
 @contextlib.contextmanager
@@ -186,7 +187,11 @@ def finish(plan: RunPlan, trainer, built: Built, started: float | None = None, p
             os.path.join(output_dir, PROBE_FILE),
             device=trainer.accelerator.device,
         )
-    extra = {"base_model": built.base_model_path, "wall_time_s": time.time() - started if started else None}
+    extra = {
+        "base_model": built.base_model_path,
+        "base_quantisation": describe_quantisation(quantisation_config(recipe.model)),
+        "wall_time_s": time.time() - started if started else None,
+    }
     if peaks is not None:
         extra["rss_anon_mib_by_rank"] = gather_objects(peaks.report())  # collective
     summary = summarize(recipe.task, trainer, files, extra)

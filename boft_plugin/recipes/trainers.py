@@ -27,7 +27,7 @@ from pathlib import Path
 
 from trl import DPOTrainer, SFTTrainer
 
-from ..distributed.engine import Engine
+from ..distributed.engine import Engine, float32_adapters
 from ..distributed.fsdp2.shard import is_fsdp2_sharded, store_block_major
 from ..runtime.ranks import barrier, world_size
 from .callbacks import LogMemory, NumericsGuardCallback, ReleaseFreedMemory, SyncReferenceAdapter
@@ -61,6 +61,10 @@ class BoftTrainerMixin:
         self.boft_resume_plan = resume_plan  # decided before loading (train.prepare), else in train()
         self.boft_lineage: str | None = None
         super().__init__(*args, **kwargs)
+        if getattr(self.model, "is_loaded_in_4bit", False) or getattr(self.model, "is_loaded_in_8bit", False):
+            # TRL casts every trainable parameter of a quantised model to bf16 (QLoRA's recipe); a bf16 boft_s
+            # cannot move by less than 2**-8, so BOFT's adapters go back to float32 before the optimizer exists
+            float32_adapters(self.model)
         self.boft_engine = engine if engine is not None else _engine_of_trainer(self)
         self.boft_engine.after_wrap(self.model)
         # rotation happens after the completion marker (_save_checkpoint), so it only counts complete, own checkpoints

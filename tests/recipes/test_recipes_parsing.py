@@ -116,8 +116,8 @@ def test_geometry_checked_from_the_config_only(tmp_path, data):
 def test_refused_and_conflicting_keys(tmp_path, data):
     with pytest.raises(RecipeError, match="'lora_r'"):
         parse_recipe("sft", config=tiny_recipe("sft", tmp_path / "o", data, lora_r=8))
-    with pytest.raises(RecipeError, match="'load_in_4bit'"):
-        parse_recipe("sft", config=tiny_recipe("sft", tmp_path / "o", data, load_in_4bit=True))
+    with pytest.raises(RecipeError, match="'use_dora'"):
+        parse_recipe("sft", config=tiny_recipe("sft", tmp_path / "o", data, use_dora=True))
     with pytest.raises(RecipeError, match="'init_adapter'"):
         parse_recipe("dpo", config=tiny_recipe("dpo", tmp_path / "o", data, init_adapter=str(tmp_path)))
     with pytest.raises(RecipeError, match="'boft_dropout'"):

@@ -167,8 +167,9 @@ def test_help_shows_config_first_and_hides_refused_flags(capsys):
     out = capsys.readouterr().out
     options = [line.split()[0] for line in out.splitlines() if line.strip().startswith("--")]
     assert options[0] == "--config"
-    for refused in ("--use_peft", "--lora_r", "--load_in_4bit", "--load_in_8bit", "--lora_alpha"):
+    for refused in ("--use_peft", "--lora_r", "--lora_alpha"):
         assert refused not in out
+    assert "--load_in_4bit" in out and "--bnb_4bit_quant_storage" in out  # quantised bases are recipes too
 
 
 def test_examples_parse_without_deprecation_warnings():
