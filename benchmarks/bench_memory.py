@@ -3,14 +3,18 @@
     python benchmarks/bench_memory.py                       # ~0.9B fp32 Llama, ZeRO-3 and FSDP2, W = 1 2 4, SFT
     python benchmarks/bench_memory.py --size small --worlds 1 2     # a quick look (~56M parameters)
     python benchmarks/bench_memory.py --task dpo --worlds 2
+    python benchmarks/bench_memory.py --size smollm2 --engines single ddp --worlds 1 2 --quant none 4bit 8bit
 
 The checkpoint (random weights, saved once with 1 GB safetensors shards) is cached under
 ``$BOFT_PLUGIN_CACHE`` (default ``~/.cache/boft-plugin``). Each run is ``boft-plugin sft|dpo`` through the engine's own
 launcher (ZeRO-3: ``accelerate launch --config_file integrations/accelerate/zero3.yaml``; FSDP2:
-``torch.distributed.run`` + ``fsdp2_pre_shard``) with BOFT b = 8, m = 2 on every linear layer, 2 steps, the adapter
-and the merged export. Every rank samples its own ``RssAnon`` (``/proc/self/status``, every 20 ms) per phase; the
-run's ``boft_run_summary.json`` holds them (``rss_anon_mib_by_rank``). Printed: per engine and W, the largest rank's
-peak per phase, next to model/W and to the bound model/W + 1.5 GiB.
+``torch.distributed.run`` + ``fsdp2_pre_shard``; single: one process; ddp: ``torch.distributed.run``) with BOFT b = 8,
+m = 2 on every linear layer, 2 steps, the adapter and the merged export. ``--quant 4bit|8bit`` loads the base with
+the recipe's bitsandbytes keys (one process and DDP only: every rank holds the whole quantised base); its model size
+is the loaded model's ``get_memory_footprint()``, measured in a child process. Every rank samples its own
+``RssAnon`` (``/proc/self/status``, every 20 ms) per phase; the run's ``boft_run_summary.json`` holds them
+(``rss_anon_mib_by_rank``). Printed: per engine and W, the largest rank's peak per phase, next to its share of the
+model (model/W when sharded, the whole model when replicated) and to the bound share + 1.5 GiB.
 """
 
 from __future__ import annotations
@@ -76,7 +80,15 @@ with atomic_directory(sys.argv[1]) as staging:
 
 
 def checkpoint(size: str) -> tuple[Path, float]:
-    """The cached checkpoint of ``size`` (built in a child process, so that its memory goes) and its GiB."""
+    """The cached checkpoint of ``size`` (built in a child process, so that its memory goes) and its GiB.
+
+    ``smollm2``: the real SmolLM2-135M-Instruct of the main job (converted once from the registry package).
+    """
+    if size == "smollm2":
+        from boft_plugin.demo.smollm2 import convert_smollm2
+
+        path = convert_smollm2()
+        return path, sum(p.stat().st_size for p in path.glob("*.safetensors")) / 2**30
     spec = SIZES[size]
     path = cache_dir() / f"llama_{size}_fp32_bench"
     if not (path / "config.json").is_file():
@@ -86,7 +98,35 @@ def checkpoint(size: str) -> tuple[Path, float]:
     return path, model_bytes / 2**30
 
 
-def write_recipe(out: Path, base: Path, engine: str, task: str, steps: int, accumulation: int) -> Path:
+QUANT_KEYS = {
+    "none": {},
+    "4bit": {"load_in_4bit": True, "use_bnb_nested_quant": True, "bnb_4bit_quant_storage": "bfloat16"},
+    "8bit": {"load_in_8bit": True},
+}
+FOOTPRINT = """
+import sys, json
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+keys = json.loads(sys.argv[2])
+if keys.get("load_in_4bit"):
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_storage="bfloat16")
+else:
+    config = BitsAndBytesConfig(load_in_8bit=True)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=config, device_map="cpu")
+print(model.get_memory_footprint())
+"""
+
+
+def quantised_gib(base: Path, quant: str) -> float:
+    """The quantised base's size as loaded (``get_memory_footprint``), in a child process so its memory goes."""
+    keys = json.dumps(QUANT_KEYS[quant])
+    command = [sys.executable, "-c", FOOTPRINT, str(base), keys]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return int(done.stdout.strip().splitlines()[-1]) / 2**30
+
+
+def write_recipe(
+    out: Path, base: Path, engine: str, task: str, steps: int, accumulation: int, quant: str = "none"
+) -> Path:
     import yaml
 
     from boft_plugin.testing.recipes import write_tiny_data
@@ -118,21 +158,35 @@ def write_recipe(out: Path, base: Path, engine: str, task: str, steps: int, accu
     }
     if task == "dpo":
         recipe["beta"] = 0.1
+    recipe.update(QUANT_KEYS[quant])
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
 
 
 def run(
-    engine: str, world: int, base: Path, task: str, steps: int, work: Path, timeout: float, global_batch: int
+    engine: str,
+    world: int,
+    base: Path,
+    task: str,
+    steps: int,
+    work: Path,
+    timeout: float,
+    global_batch: int,
+    quant: str = "none",
 ) -> dict:
     from boft_plugin.runtime.launchers import accelerate_cmd, cpu_env, launch, torchrun_cmd
 
-    out = work / f"{task}_{engine}_w{world}"
-    recipe = write_recipe(out, base, engine, task, steps, global_batch // world)  # the same global batch at every W
+    out = work / f"{task}_{engine}_{quant}_w{world}"
+    # the same global batch at every W
+    recipe = write_recipe(out, base, engine, task, steps, global_batch // world, quant)
     cli = ["boft_plugin", task, "--config", str(recipe)]
     if engine == "zero3":
         cmd = accelerate_cmd(str(REPO / "integrations/accelerate/zero3.yaml"), ["-m", *cli], num_processes=world)
+    elif engine == "single":
+        if world != 1:
+            raise ValueError("the single engine runs one process (use ddp for W > 1)")
+        cmd = [sys.executable, "-m", *cli]
     else:
         cmd = torchrun_cmd(cli, nproc_per_node=world, module=True)
     started = time.monotonic()
@@ -140,6 +194,7 @@ def run(
     summary = json.loads((out / "boft_run_summary.json").read_text())
     return {
         "engine": engine,
+        "quant": quant,
         "world": world,
         "wall_s": time.monotonic() - started,
         "ranks": summary["rss_anon_mib_by_rank"],
@@ -166,19 +221,22 @@ def relative_difference(ours: Path, reference: Path, pattern: str) -> float:
 
 
 def table(rows: list[dict], model_gib: float) -> str:
+    """One row per run; a replicated engine's (single, ddp) share is the whole model, quantised as loaded."""
     lines = [
-        f"| engine | W | model/W GiB | bound GiB (model/W + {BOUND_GIB}) | "
+        f"| engine | base | W | model share GiB | bound GiB (share + {BOUND_GIB}) | "
         + " | ".join(f"{p} peak" for p in PHASES)
         + " | whole run, largest rank | met | load s (rank 0) | run wall s | adapter vs W=1 | merged vs W=1 |",
-        "|---|---|---|---|" + "---|" * len(PHASES) + "---|---|---|---|---|---|",
+        "|---|---|---|---|---|" + "---|" * len(PHASES) + "---|---|---|---|---|---|",
     ]
     for row in rows:
-        share = model_gib / row["world"]
+        whole_model = row.get("model_gib", model_gib)
+        share = whole_model if row["engine"] in ("single", "ddp") else whole_model / row["world"]
         bound = share + BOUND_GIB
         peaks = {p: max(r.get(p, {}).get("peak_mib", 0.0) for r in row["ranks"]) / 1024 for p in PHASES}
         whole = max(v["peak_mib"] for r in row["ranks"] for v in r.values()) / 1024
         load_s = row["ranks"][0].get("load", {}).get("seconds", float("nan"))
-        cells = [row["engine"], str(row["world"]), f"{share:.2f}", f"{bound:.2f}"]
+        quant = row.get("quant", "none")
+        cells = [row["engine"], "fp32" if quant == "none" else quant, str(row["world"]), f"{share:.2f}", f"{bound:.2f}"]
         cells += [f"{peaks[p]:.2f}" for p in PHASES]
         cells += [f"{whole:.2f}", "yes" if whole <= bound else "NO", f"{load_s:.1f}", f"{row['wall_s']:.0f}"]
         cells += [f"{row[k]:.1e}" if k in row else "-" for k in ("adapter_vs_w1", "merged_vs_w1")]
@@ -188,8 +246,9 @@ def table(rows: list[dict], model_gib: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="big")
-    parser.add_argument("--engines", nargs="+", default=["zero3", "fsdp2"], choices=["zero3", "fsdp2"])
+    parser.add_argument("--size", choices=[*sorted(SIZES), "smollm2"], default="big")
+    parser.add_argument("--engines", nargs="+", default=["zero3", "fsdp2"], choices=["zero3", "fsdp2", "single", "ddp"])
+    parser.add_argument("--quant", nargs="+", default=["none"], choices=sorted(QUANT_KEYS))
     parser.add_argument("--worlds", nargs="+", type=int, default=[1, 2, 4])
     parser.add_argument("--task", choices=["sft", "dpo"], default="sft")
     parser.add_argument("--steps", type=int, default=2)
@@ -200,16 +259,21 @@ def main(argv: list[str] | None = None) -> int:
     base, model_gib = checkpoint(args.size)
     rows = []
     global_batch = max(args.worlds)
-    for engine in args.engines:
-        for world in args.worlds:
-            print(f"{engine} W={world} ...", file=sys.stderr, flush=True)
-            row = run(engine, world, base, args.task, args.steps, args.workdir.absolute(), args.timeout, global_batch)
-            reference = next((r for r in rows if r["engine"] == engine and r["world"] == 1), None)
-            if reference is not None:
-                ours, ref = Path(row["out"]), Path(reference["out"])
-                row["adapter_vs_w1"] = relative_difference(ours, ref, "adapter_model.safetensors")
-                row["merged_vs_w1"] = relative_difference(ours / "merged", ref / "merged", "*.safetensors")
-            rows.append(row)
+    sizes = {quant: model_gib if quant == "none" else quantised_gib(base, quant) for quant in args.quant}
+    for quant in args.quant:
+        if quant != "none" and not set(args.engines) <= {"single", "ddp"}:
+            raise SystemExit("--quant 4bit/8bit runs under the single and ddp engines only (docs/quantised.md)")
+    for quant in args.quant:
+        for engine in args.engines:
+            for world in args.worlds:
+                if engine == "single" and world != 1:
+                    continue
+                print(f"{engine} {quant} W={world} ...", file=sys.stderr, flush=True)
+                work = args.workdir.absolute()
+                row = run(engine, world, base, args.task, args.steps, work, args.timeout, global_batch, quant)
+                row["model_gib"] = sizes[quant]
+                add_comparisons(row, rows)
+                rows.append(row)
     print(
         f"{args.task.upper()}, {args.size} checkpoint ({model_gib:.2f} GiB fp32), global batch {global_batch}, "
         f"{args.steps} steps; peak RssAnon per rank in GiB; exports vs the same engine on 1 rank (max |diff| / max):"
@@ -218,6 +282,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"model_gib": model_gib, "rows": rows}, indent=1))
     return 0
+
+
+def add_comparisons(row: dict, rows: list[dict]) -> None:
+    """Exports against the same engine and base on one rank (W > 1 only)."""
+    if row["world"] == 1:
+        return
+    same = [r for r in rows if r["engine"] == row["engine"] and r["quant"] == row["quant"] and r["world"] == 1]
+    if row["engine"] == "ddp" and not same:  # DDP's one-rank reference is the single engine
+        same = [r for r in rows if r["engine"] == "single" and r["quant"] == row["quant"]]
+    if same:
+        ours, ref = Path(row["out"]), Path(same[0]["out"])
+        row["adapter_vs_w1"] = relative_difference(ours, ref, "adapter_model.safetensors")
+        row["merged_vs_w1"] = relative_difference(ours / "merged", ref / "merged", "*.safetensors")
 
 
 if __name__ == "__main__":

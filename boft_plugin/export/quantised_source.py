@@ -82,7 +82,7 @@ class FloatWeights:
         if not modules:
             return
         if checkpoint is None:
-            checkpoint = getattr(base_model, "name_or_path", None) or getattr(base_model.config, "_name_or_path", "")
+            checkpoint = getattr(base_model, "name_or_path", None)
         index = _full_precision_checkpoint(checkpoint)
         prefix = getattr(base_model, "base_model_prefix", None)
         keys = {name: index.resolve([f"{name}.weight"], prefix) if index else None for name, _, _ in modules}

@@ -22,12 +22,17 @@ __all__ = [
     "OVERRIDDEN",
     "PrivateName",
     "compute_local_shape_and_global_offset",
+    "foreach_abs_reciprocal",
+    "foreach_max_abs",
+    "in_out_features",
     "include_all_linear_layers",
     "is_excluded_match",
     "model_class_for",
     "parse_size_to_int",
     "resolve",
     "target_module_matches",
+    "torch_dispatch_mode",
+    "unpack_bnb_cpu_weight",
 ]
 
 
@@ -78,6 +83,16 @@ IMPORTED = (
         "torch.distributed.tensor._utils", "compute_local_shape_and_global_offset", "distributed.fsdp2.loading"
     ),
     PrivateName("huggingface_hub.serialization._base", "parse_size_to_int", "export.safetensors_stream: shard sizes"),
+    PrivateName("peft.tuners.tuners_utils", "_get_in_out_features", "tuner.targets: widths of non-nn.Linear layers"),
+    PrivateName("torch", "_foreach_norm", "tuner.numerics: one fused max|x| over every adapter tensor"),
+    PrivateName("torch", "_foreach_abs", "tuner.numerics: fused 1/|boft_s|"),
+    PrivateName("torch", "_foreach_reciprocal", "tuner.numerics: fused 1/|boft_s|"),
+    PrivateName("torch.utils._python_dispatch", "TorchDispatchMode", "testing.host_syncs: the dispatch counter"),
+    PrivateName(
+        "bitsandbytes.functional",
+        "_convert_weight_packed_for_cpu_inverse",
+        "tuner.quantised: undo bitsandbytes' CPU repacking of a 4-bit weight before dequantising",
+    ),
 )
 
 OVERRIDDEN = (
@@ -145,6 +160,41 @@ def compute_local_shape_and_global_offset(shape, mesh, placements):
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset as compute
 
     return compute(shape, mesh, placements)
+
+
+def in_out_features(module) -> tuple[int | None, int | None]:
+    """PEFT's ``(in_features, out_features)`` of a base layer (quantised layers that are not ``nn.Linear`` too)."""
+    from peft.tuners.tuners_utils import _get_in_out_features
+
+    return _get_in_out_features(module)
+
+
+def foreach_max_abs(tensors: list) -> list:
+    """``max |t|`` of each tensor, fused (tensors of one device and dtype)."""
+    import torch
+
+    return list(torch._foreach_norm(tensors, float("inf")))
+
+
+def foreach_abs_reciprocal(tensors: list) -> list:
+    """``1 / |t|`` of each tensor, fused."""
+    import torch
+
+    return list(torch._foreach_reciprocal(torch._foreach_abs(tensors)))
+
+
+def torch_dispatch_mode() -> type:
+    """torch's ``TorchDispatchMode`` base class (sees every aten op a region dispatches)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode
+
+
+def unpack_bnb_cpu_weight(data, quant_state):
+    """bitsandbytes' inverse of its CPU repacking of a 4-bit weight: ``(packed codes, quant state)``."""
+    from bitsandbytes import functional as bnb_functional
+
+    return bnb_functional._convert_weight_packed_for_cpu_inverse(data, quant_state)
 
 
 def parse_size_to_int(size: str) -> int:

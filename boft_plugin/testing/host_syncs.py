@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..runtime.upstream import torch_dispatch_mode
 
 __all__ = ["HostSyncCounter", "count_host_syncs"]
 
@@ -38,7 +39,7 @@ SYNC_OPS = frozenset(
 )
 
 
-class HostSyncCounter(TorchDispatchMode):
+class HostSyncCounter(torch_dispatch_mode()):
     """A dispatch mode that records each host-synchronising op it sees (``.counts``: op name -> calls)."""
 
     def __init__(self) -> None:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..errors import BoftNumericsError
 from ..ops.scale_shift import SMALL_SCALE
+from ..runtime.upstream import foreach_abs_reciprocal, foreach_max_abs
 
 __all__ = [
     "check_numerics",
@@ -97,7 +98,7 @@ def _max_abs(tensors: list[Tensor]) -> list[Tensor]:
         else:
             groups.setdefault((t.device, t.dtype), []).append(i)
     for indices in groups.values():
-        for i, norm in zip(indices, torch._foreach_norm([tensors[i] for i in indices], float("inf")), strict=True):
+        for i, norm in zip(indices, foreach_max_abs([tensors[i] for i in indices]), strict=True):
             out[i] = norm
     return out  # type: ignore[return-value]
 
@@ -107,7 +108,7 @@ def _flags(entries: list[_Tensor]) -> tuple[list[bool], list[bool]]:
     device = entries[0].local.device
     scales = [t.local for t in entries if t.kind == "boft_s"]
     # max 1/|s| > 1/SMALL_SCALE iff some |s| < SMALL_SCALE (s = 0 gives Inf: small, not a NaN of the adapter)
-    norms = _max_abs([t.local for t in entries]) + _max_abs(torch._foreach_reciprocal(torch._foreach_abs(scales)))
+    norms = _max_abs([t.local for t in entries]) + _max_abs(foreach_abs_reciprocal(scales))
     norms = torch.stack([n.to(device, torch.float32) for n in norms])
     n = len(entries)
     flags = torch.cat([~norms[:n].isfinite(), norms[n:] > 1 / SMALL_SCALE]).to(torch.int32)

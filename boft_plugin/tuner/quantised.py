@@ -61,9 +61,9 @@ def _unpack_bnb_cpu_layout(base_layer: nn.Module) -> None:
     state = getattr(weight, "quant_state", None)
     if state is None or not getattr(state, "packing_format_for_cpu", False):
         return
-    from bitsandbytes import functional as bnb_functional
+    from ..runtime.upstream import unpack_bnb_cpu_weight
 
-    data, state = bnb_functional._convert_weight_packed_for_cpu_inverse(weight.data, state)
+    data, state = unpack_bnb_cpu_weight(weight.data, state)
     weight.data = data
     weight.quant_state = state
     if getattr(base_layer, "quant_state", None) is not None:

@@ -14,7 +14,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..errors import BoftTargetError
-from ..runtime.upstream import include_all_linear_layers, is_excluded_match, target_module_matches
+from ..runtime.upstream import in_out_features, include_all_linear_layers, is_excluded_match, target_module_matches
 from .geometry import Geometry, GeometryError, resolve_geometry, scale_shape, suggest_valid_choices
 from .layer import BoftLayer
 from .quantised import quantisation_backend, quantisation_kwargs
@@ -49,9 +49,7 @@ def layer_kind(module: nn.Module) -> str | None:
 
 
 def _quantised_in_out(module: nn.Module) -> tuple[int, int]:
-    from peft.tuners.tuners_utils import _get_in_out_features
-
-    return _get_in_out_features(module)
+    return in_out_features(module)
 
 
 def rotated_width(module: nn.Module) -> int:

@@ -11,7 +11,17 @@ import pytest
 from boft_plugin.runtime import upstream
 
 PACKAGE = Path(upstream.__file__).resolve().parents[1]
-UPSTREAM = ("peft", "transformers", "trl", "accelerate", "deepspeed", "torch", "huggingface_hub", "safetensors")
+UPSTREAM = (
+    "peft",
+    "transformers",
+    "trl",
+    "accelerate",
+    "deepspeed",
+    "torch",
+    "huggingface_hub",
+    "safetensors",
+    "bitsandbytes",
+)
 
 
 @pytest.mark.parametrize("name", upstream.IMPORTED + upstream.OVERRIDDEN, ids=lambda n: f"{n.module}:{n.qualname}")
