@@ -8,7 +8,8 @@ Each follows PEFT's construction literally, written independently of the fast co
 - :func:`dense_rotation` twins :func:`.butterfly.compose_effective_blocks` + :func:`.butterfly.rotate_activations`
   (``torch.block_diag`` per factor, products of dense matrices);
 - :func:`plain_scale_shift` twins :func:`.scale_shift.scale_shift` (PEFT's three ops under plain autograd);
-- :func:`dense_boft_linear` twins a whole ``BoftLinear`` forward.
+- :func:`dense_boft_linear` twins a whole ``BoftLinear`` forward;
+- :func:`low_rank_error_reference` twins :meth:`.low_rank.Spectrum.relative_error` (``B @ A`` formed densely).
 """
 
 from __future__ import annotations
@@ -82,3 +83,13 @@ def dense_boft_linear(x: Tensor, weight: Tensor, bias: Tensor | None, boft_r: Te
     y = (x @ rotation) @ weight.T
     y = y * boft_s.squeeze(-1).to(y.dtype)
     return y if bias is None else y + bias
+
+
+def low_rank_error_reference(delta: Tensor, lora_a: Tensor, lora_b: Tensor) -> float:
+    """``||delta - B @ A||_F / ||delta||_F`` formed densely, float64: twins :meth:`.low_rank.Spectrum.relative_error`
+    (which reads the error off the singular values)."""
+    delta = delta.double()
+    norm = torch.linalg.matrix_norm(delta)
+    if norm == 0:
+        return float(torch.linalg.matrix_norm(lora_b.double() @ lora_a.double()))
+    return float(torch.linalg.matrix_norm(delta - lora_b.double() @ lora_a.double()) / norm)
