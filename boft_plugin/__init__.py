@@ -36,6 +36,10 @@ _LAZY = {
     "read_adapter": ".export.loading",
     "export_adapter": ".export",
     "export_merged": ".export",
+    "export_lora": ".export",
+    "convert_to_lora": ".export",
+    "LoraConversionError": ".errors",
+    "LoraBudgetError": ".errors",
     "stock_peft_boft": ".stock_peft",
 }
 

@@ -4,6 +4,7 @@
     boft-plugin dpo --config recipe.yaml [--key value ...]   # TRL DPO with a BOFT adapter
     boft-plugin verify OUTPUT_DIR                            # reload exports with stock PEFT, compare logits
     boft-plugin convert --single-factor SRC DST              # an m > 1 adapter as the equal m = 1 adapter
+    boft-plugin convert --to-lora SRC DST --rank R           # a LoRA adapter for LoRA-only servers (or --max-error)
     boft-plugin demo [--workdir DIR]                         # the main job (SFT then DPO on 2 gloo ranks)
 
 ``sft`` / ``dpo`` run in the current process, which may be one rank of ``torch.distributed.run`` or
@@ -80,23 +81,61 @@ def _verify(argv: list[str]) -> int:
 
 
 def _convert(argv: list[str]) -> int:
-    """Write an adapter directory (ours or stock PEFT's) in another, exactly equivalent form."""
-    from .export.single_factor import SingleFactorError, convert_to_single_factor
+    """Write an adapter directory (ours or stock PEFT's) in another form: the exactly equivalent single-factor BOFT
+    adapter, or a LoRA adapter for LoRA-only servers (with the error it costs)."""
+    from .export.lora import SERVER_RANKS
     from .ops.single_factor import DEFAULT_ATOL, DEFAULT_MIN_DIST
 
     parser = argparse.ArgumentParser(prog="boft-plugin convert", description=_convert.__doc__)
-    parser.add_argument(
+    form = parser.add_mutually_exclusive_group(required=True)
+    form.add_argument(
         "--single-factor",
         action="store_true",
-        required=True,
         help="write the m = 1 adapter with block size b * 2**(m-1) that stock PEFT loads without its CUDA extension",
+    )
+    form.add_argument(
+        "--to-lora",
+        action="store_true",
+        help="write a PEFT LoRA adapter: the truncated SVD of each layer's weight delta (see docs/lora.md)",
     )
     parser.add_argument("source", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     parser.add_argument("target", help="new directory for the converted adapter")
-    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="max float32 round-trip error per block")
-    parser.add_argument("--min-dist", type=float, default=DEFAULT_MIN_DIST, help="min |1 + eigenvalue| per block")
+    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="single factor: max round-trip error")
+    parser.add_argument("--min-dist", type=float, default=DEFAULT_MIN_DIST, help="single factor: min |1 + eigenvalue|")
+    lora = parser.add_argument_group("--to-lora")
+    lora.add_argument("--rank", type=int, default=None, help="the LoRA rank of every layer")
+    lora.add_argument(
+        "--max-error",
+        type=float,
+        default=None,
+        help="instead of --rank: per layer the smallest rank whose relative Frobenius error of the delta is <= E",
+    )
+    lora.add_argument("--max-rank", type=int, default=None, help="with --max-error: the largest rank allowed")
+    lora.add_argument("--ranks", choices=sorted(SERVER_RANKS), default=None, help="snap ranks up to a server's ranks")
+    lora.add_argument("--base_model", default=None, help="full-precision safetensors base (default: the adapter's)")
+    lora.add_argument("--prompt-file", default=None, help="probe text (default: the run's probe_logits.pt input)")
+    lora.add_argument("--no-probe", action="store_true", help="skip the probe (it loads the whole model)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty target directory")
     args = parser.parse_args(argv)
+    if args.to_lora:
+        return _convert_to_lora(args)
+    lora_only = [
+        flag
+        for flag, value in (
+            ("--rank", args.rank),
+            ("--max-error", args.max_error),
+            ("--max-rank", args.max_rank),
+            ("--ranks", args.ranks),
+            ("--base_model", args.base_model),
+            ("--prompt-file", args.prompt_file),
+            ("--no-probe", args.no_probe or None),
+        )
+        if value is not None
+    ]
+    if lora_only:
+        parser.error(f"{', '.join(lora_only)}: options of --to-lora, not of --single-factor")
+    from .export.single_factor import SingleFactorError, convert_to_single_factor
+
     try:
         summary = convert_to_single_factor(
             args.source, args.target, atol=args.atol, min_dist=args.min_dist, overwrite=args.overwrite
@@ -105,6 +144,41 @@ def _convert(argv: list[str]) -> int:
         print(f"boft-plugin convert: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps({"target": args.target, **summary}), flush=True)
+    return 0
+
+
+def _convert_to_lora(args: argparse.Namespace) -> int:
+    """``convert --to-lora``: 0 written, 1 the error budget cannot be met (report printed, nothing written), 2 error."""
+    from .errors import LoraBudgetError, LoraConversionError
+    from .export.lora import convert_to_lora
+
+    def show(report) -> None:
+        data = report.as_dict()
+        data.pop("layers")
+        print("\n".join(report.summary_lines()), flush=True)
+        print(json.dumps({"target": args.target, **data}), flush=True)
+
+    try:
+        report = convert_to_lora(
+            args.source,
+            args.target,
+            rank=args.rank,
+            max_error=args.max_error,
+            max_rank=args.max_rank,
+            ranks=args.ranks,
+            base_model=args.base_model,
+            probe=not args.no_probe,
+            prompt_file=args.prompt_file,
+            overwrite=args.overwrite,
+        )
+    except LoraBudgetError as err:
+        show(err.report)
+        print(f"boft-plugin convert: error: {err}", file=sys.stderr)
+        return 1
+    except (LoraConversionError, OSError) as err:
+        print(f"boft-plugin convert: error: {err}", file=sys.stderr)
+        return 2
+    show(report)
     return 0
 
 

@@ -16,6 +16,8 @@ __all__ = [
     "BoftSaveError",
     "BoftTargetError",
     "GeometryError",
+    "LoraBudgetError",
+    "LoraConversionError",
     "RecipeError",
     "RunLockError",
     "ShardingOrderError",
@@ -82,3 +84,16 @@ class RunLockError(RecipeError):
 
 class VerifyError(BoftError, RuntimeError):
     """A run directory cannot be verified as it is (missing file or base model); the message is one line."""
+
+
+class LoraConversionError(BoftError, ValueError):
+    """A BOFT adapter cannot be converted to LoRA as asked (options, source, base weights); nothing was written."""
+
+
+class LoraBudgetError(LoraConversionError):
+    """No allowed rank meets the error budget for some layers; nothing was written. ``report`` holds every layer's
+    figures (``report.failing``: the layers over budget)."""
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report

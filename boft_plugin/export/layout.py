@@ -5,6 +5,7 @@ output_dir/
     tokenizer files                                   the run's tokenizer
     single_factor/                                    the equivalent m = 1 adapter (export_single_factor)
     merged/                                           the merged plain model (export_merged)
+    lora/                                             the adapter as a LoRA adapter, with its report (export_lora)
     probe_logits.pt                                   the trained model's logits on probe_text
     boft_run_summary.json                             losses, evaluations, memory, files written
     checkpoint-N/                                     the Trainer's checkpoints (save_steps)
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 MERGED_DIR = "merged"
 SINGLE_FACTOR_DIR = "single_factor"
+LORA_DIR = "lora"
+LORA_REPORT = "lora_conversion.json"
 PROBE_FILE = "probe_logits.pt"
 SUMMARY_FILE = "boft_run_summary.json"
 BASE_MODEL_DIR = "base_model"
@@ -42,6 +45,8 @@ __all__ = [
     "ADAPTER_PICKLE",
     "ADAPTER_WEIGHTS",
     "BASE_MODEL_DIR",
+    "LORA_DIR",
+    "LORA_REPORT",
     "MERGED_DIR",
     "PROBE_FILE",
     "SINGLE_FACTOR_DIR",
