@@ -10,7 +10,10 @@ For each adapter it reports separately:
   (PEFT's own limitation), which is reported with the remedy (``boft-plugin convert --single-factor``), not hidden;
 - **merged**: ``<output_dir>/merged`` with plain ``AutoModelForCausalLM``;
 - **single factor**: ``<output_dir>/single_factor`` (recipe key ``export_single_factor``) with stock PEFT as
-  installed (no patch at all), against the training run's logits and against boft-plugin on the original adapter.
+  installed (no patch at all), against the training run's logits and against boft-plugin on the original adapter;
+- **lora**: ``<output_dir>/lora`` (recipe keys ``export_lora_*``) with stock PEFT's LoRA: its logit error and KL
+  against the training run's logits, beside the delta error its conversion recorded; it must match when that
+  conversion was exact (every layer at full rank).
 
 The expected logits are those the training run saved (``probe_logits.pt``, recipe key ``probe_text``); when none
 were saved, verify makes its own probe from the tokenizer and compares with boft-plugin's own reload of the adapter.
@@ -27,7 +30,7 @@ from pathlib import Path
 
 from ..errors import VerifyError
 from ..ops.compare import max_relative_error
-from .layout import MERGED_DIR, PROBE_FILE, SINGLE_FACTOR_DIR
+from .layout import LORA_DIR, LORA_REPORT, MERGED_DIR, PROBE_FILE, SINGLE_FACTOR_DIR
 
 DEFAULT_TOLERANCE = 1e-4  # max |difference| relative to max |logit|, float32 runs
 LOW_PRECISION_TOLERANCE = 2e-2  # runs that computed in bf16/fp16 (FSDP2 param_dtype, DeepSpeed bf16): measured 7e-3
@@ -174,6 +177,34 @@ def _single_factor_report(directory: Path, original: Path, base: BaseModel, inpu
     return report
 
 
+LORA_EXACT = 1e-6  # recorded relative delta error below which a LoRA conversion counts as exact (full rank)
+
+
+def _lora_report(directory: Path, base: BaseModel, input_ids, expected) -> dict:
+    """Stock PEFT's LoRA on ``<output_dir>/lora`` against the probe, with the error its conversion recorded."""
+    import torch
+    from peft import PeftModel
+
+    from .lora_probe import kl_per_token
+
+    recorded = json.loads((directory / LORA_REPORT).read_text()) if (directory / LORA_REPORT).is_file() else {}
+    report = {"dir": str(directory), "recorded_max_delta_error": recorded.get("max_relative_error")}
+    try:
+        model = PeftModel.from_pretrained(_load_base(base, directory), str(directory)).eval()
+        with torch.no_grad():
+            logits = model(input_ids=input_ids).logits.float()
+    except Exception as err:  # noqa: BLE001 - whatever stock PEFT raises is the finding
+        return {**report, "loads": False, "note": _first_line(err)}
+    kl = kl_per_token(expected, logits)
+    return {
+        **report,
+        "loads": True,
+        "rel_err": max_relative_error(logits, expected),
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+    }
+
+
 def _probe(output_dir: Path, base: BaseModel):
     """(input ids, expected logits, where the expectation comes from, the dtype they were computed in)."""
     import torch
@@ -294,6 +325,8 @@ def verify_outputs(
     single = output_dir / SINGLE_FACTOR_DIR
     if (single / "adapter_config.json").is_file():
         report["single_factor"] = _single_factor_report(single, output_dir, base, ids, expected)
+    if (output_dir / LORA_DIR / "adapter_config.json").is_file():
+        report["lora"] = _lora_report(output_dir / LORA_DIR, base, ids, expected)
     return VerifyReport(str(output_dir), report)
 
 
@@ -329,6 +362,12 @@ def check_report(report: dict, tolerance: float = DEFAULT_TOLERANCE) -> list[str
             ):
                 if not value <= tolerance:
                     problems.append(f"single_factor {key}={value:.3g} > {tolerance:g}")
+    lora = report.get("lora")
+    if lora:
+        if not lora.get("loads"):
+            problems.append(f"stock PEFT cannot load {lora['dir']} as LoRA: {lora.get('note')}")
+        elif (lora.get("recorded_max_delta_error") or 0.0) <= LORA_EXACT and not lora["rel_err"] <= tolerance:
+            problems.append(f"lora rel_err={lora['rel_err']:.3g} > {tolerance:g} for an exact (full-rank) conversion")
     return problems
 
 

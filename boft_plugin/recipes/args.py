@@ -16,7 +16,7 @@ from ..errors import RecipeError
 
 BIAS_CHOICES = ("none", "all", "boft_only")
 DEFAULT_BLOCK_SIZE = 4  # PEFT's BOFTConfig default
-HUB_PARTS = ("adapter", "tokenizer", "single_factor", "merged", "probe", "summary")  # recipes.hub.HUB_PATTERNS
+HUB_PARTS = ("adapter", "tokenizer", "single_factor", "merged", "lora", "probe", "summary")  # recipes.hub.HUB_PATTERNS
 
 
 def _bad(key: str, problem: str, value: Any) -> RecipeError:
@@ -193,6 +193,28 @@ class RecipeOptions:
             "b * 2**(m-1)) that stock PEFT loads without its CUDA extension (boft-plugin convert --single-factor)."
         },
     )
+    export_lora_rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "Also write <output_dir>/lora: the adapter as a PEFT LoRA adapter of this rank for LoRA-only "
+            "servers (truncated SVD of each layer's weight delta; its error in lora/lora_conversion.json). "
+            "Or set export_lora_max_error instead (boft-plugin convert --to-lora, docs/lora.md)."
+        },
+    )
+    export_lora_max_error: float | None = field(
+        default=None,
+        metadata={
+            "help": "Instead of export_lora_rank: per layer the smallest rank whose relative Frobenius error of "
+            "the weight delta is at most this; the run fails at the end, writing no lora/, if none meets it."
+        },
+    )
+    export_lora_max_rank: int | None = field(
+        default=None, metadata={"help": "With export_lora_max_error: the largest LoRA rank allowed."}
+    )
+    export_lora_ranks: str | None = field(
+        default=None,
+        metadata={"help": "Snap the LoRA ranks up to a server's allowed ranks: vllm (1, 8, 16, ..., 512)."},
+    )
     fsdp2_pre_shard: bool = field(
         default=False,
         metadata={
@@ -285,7 +307,32 @@ class RecipeOptions:
             raise _bad(
                 "hub_upload", f"holds unknown part(s) {unknown}; choose from {', '.join(HUB_PARTS)}", self.hub_upload
             )
+        self._check_lora_export()
         if self.data_order_tail not in ("drop", "pad"):
             raise _bad("data_order_tail", "must be 'drop' or 'pad'", self.data_order_tail)
         if self.init_adapter is not None and not os.path.isfile(os.path.join(self.init_adapter, "adapter_config.json")):
             raise _bad("init_adapter", "must be a directory holding adapter_config.json", self.init_adapter)
+
+    def lora_options(self):
+        """The ``export_lora_*`` keys as :class:`boft_plugin.export.lora.LoraOptions` (None: no LoRA export)."""
+        if self.export_lora_rank is None and self.export_lora_max_error is None:
+            return None
+        from ..export.lora import LoraOptions
+
+        return LoraOptions(
+            self.export_lora_rank, self.export_lora_max_error, self.export_lora_max_rank, self.export_lora_ranks
+        )
+
+    def _check_lora_export(self) -> None:
+        from ..errors import LoraConversionError
+
+        options = self.lora_options()
+        if options is None:
+            extra = [k for k in ("export_lora_max_rank", "export_lora_ranks") if getattr(self, k) is not None]
+            if extra:
+                raise RecipeError(f"recipe key '{extra[0]}': needs export_lora_rank or export_lora_max_error")
+            return
+        try:
+            options.check()
+        except LoraConversionError as err:
+            raise RecipeError(f"recipe keys export_lora_*: {err}") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 from ..export.layout import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    LORA_DIR,
     MERGED_DIR,
     PROBE_FILE,
     SINGLE_FACTOR_DIR,
@@ -25,6 +26,7 @@ HUB_PATTERNS = {
     "tokenizer": list(TOKENIZER_FILES),
     "single_factor": [f"{SINGLE_FACTOR_DIR}/*"],
     "merged": [f"{MERGED_DIR}/*"],
+    "lora": [f"{LORA_DIR}/*"],
     "probe": [PROBE_FILE],
     "summary": [SUMMARY_FILE],
 }

@@ -1,4 +1,4 @@
-"""What a recipe run writes at the end: the adapter, the merged model, probe logits and a JSON summary.
+"""What a recipe run writes at the end: the adapter, the merged model, a LoRA form, probe logits and a JSON summary.
 
 All functions are collective where the model is sharded (every rank calls them); only global rank 0 writes.
 """
@@ -10,18 +10,41 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..export.layout import MERGED_DIR, PROBE_FILE, SINGLE_FACTOR_DIR, SUMMARY_FILE
+from ..export.layout import LORA_DIR, MERGED_DIR, PROBE_FILE, SINGLE_FACTOR_DIR, SUMMARY_FILE
 
 __all__ = [
+    "LORA_DIR",
     "MERGED_DIR",
     "PROBE_FILE",
     "SINGLE_FACTOR_DIR",
     "SUMMARY_FILE",
+    "export_lora_adapter",
     "export_merged_model",
     "summarize",
     "write_probe",
     "write_summary",
 ]
+
+
+def export_lora_adapter(model, output_dir: str | os.PathLike, options, tokenizer=None) -> Path | None:
+    """``boft_plugin.export_lora`` to ``<output_dir>/lora`` with the tokenizer (collective); the directory on rank 0."""
+    from ..export import export_lora
+
+    def write_tokenizer(staging: Path) -> None:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+
+    target = Path(output_dir) / LORA_DIR
+    report = export_lora(
+        model,
+        target,
+        rank=options.rank,
+        max_error=options.max_error,
+        max_rank=options.max_rank,
+        ranks=options.ranks,
+        extra_files=write_tokenizer,
+    )
+    return target if report is not None else None
 
 
 def export_merged_model(model, output_dir: str | os.PathLike, tokenizer=None) -> Path | None:

@@ -41,7 +41,15 @@ from ..runtime.run_lock import RunLock, check_every_rank_sees
 from .builder import Built, build
 from .checkpoints.markers import is_checkpoint_writer
 from .dpo_reference import sync_reference_adapter
-from .outputs import PROBE_FILE, SINGLE_FACTOR_DIR, export_merged_model, summarize, write_probe, write_summary
+from .outputs import (
+    PROBE_FILE,
+    SINGLE_FACTOR_DIR,
+    export_lora_adapter,
+    export_merged_model,
+    summarize,
+    write_probe,
+    write_summary,
+)
 from .plan import RunPlan, prepare
 from .quantisation import describe_quantisation, quantisation_config
 
@@ -178,6 +186,10 @@ def finish(plan: RunPlan, trainer, built: Built, started: float | None = None, p
     if recipe.options.export_merged:
         phase("export_merged")
         files["merged"] = export_merged_model(model, output_dir, tokenizer=built.tokenizer)
+    lora_options = recipe.options.lora_options()
+    if lora_options is not None:
+        phase("export_lora")
+        files["lora"] = export_lora_adapter(model, output_dir, lora_options, tokenizer)
     if recipe.options.probe_text:
         phase("probe")
         files["probe"] = write_probe(
