@@ -83,7 +83,7 @@ def _verify(argv: list[str]) -> int:
 def _convert(argv: list[str]) -> int:
     """Write an adapter directory (ours or stock PEFT's) in another form: the exactly equivalent single-factor BOFT
     adapter, or a LoRA adapter for LoRA-only servers (with the error it costs)."""
-    from .export.lora import SERVER_RANKS
+    from .export.lora_report import SERVER_RANKS
     from .ops.single_factor import DEFAULT_ATOL, DEFAULT_MIN_DIST
 
     parser = argparse.ArgumentParser(prog="boft-plugin convert", description=_convert.__doc__)
@@ -150,7 +150,7 @@ def _convert(argv: list[str]) -> int:
 def _convert_to_lora(args: argparse.Namespace) -> int:
     """``convert --to-lora``: 0 written, 1 the error budget cannot be met (report printed, nothing written), 2 error."""
     from .errors import LoraBudgetError, LoraConversionError
-    from .export.lora import convert_to_lora
+    from .export.lora_convert import convert_to_lora
 
     def show(report) -> None:
         data = report.as_dict()

@@ -2,7 +2,8 @@
 for LoRA-only servers (export_lora, convert_to_lora)."""
 
 from .adapter import export_adapter
-from .lora import convert_to_lora, export_lora
+from .lora import export_lora
+from .lora_convert import convert_to_lora
 from .merged import export_merged
 
 __all__ = ["convert_to_lora", "export_adapter", "export_lora", "export_merged"]

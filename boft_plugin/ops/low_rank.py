@@ -86,14 +86,15 @@ def choose_rank(
 ) -> RankChoice:
     """The rank for one layer: ``rank`` as given, or the smallest rank whose error is ``<= max_error``.
 
-    ``max_rank`` caps the budget's rank; ``allowed`` (a server's ranks) snaps the rank up to the next allowed value
-    (a rank above ``full_rank`` pads the factors with zeros: exact, and what a server that wants fixed ranks reads).
-    When no rank within the cap and the allowed values meets ``max_error``, the largest such rank is chosen and
-    ``budget_met`` is False. Exactly one of ``rank`` / ``max_error`` is given.
+    ``max_rank`` caps the budget's rank; ``allowed`` (a server's ranks) snaps the rank up to the next allowed value.
+    No rank exceeds ``full_rank`` (``min(out, width)``): at full rank the factors are exact, and zeros beyond it
+    would add nothing. When no rank within the cap and the allowed values meets ``max_error``, the largest such
+    rank is chosen and ``budget_met`` is False. Exactly one of ``rank`` / ``max_error`` is given.
     """
     if (rank is None) == (max_error is None):
         raise ValueError("give exactly one of rank and max_error")
     if rank is not None:
+        rank = min(rank, spectrum.full_rank)
         return RankChoice(rank, spectrum.relative_error(rank), spectrum.energy_kept(rank), True)
     tail = spectrum.tail_energy()
     # smallest r with sqrt(tail[r]) <= max_error; r = full_rank always qualifies (tail 0)
@@ -109,6 +110,7 @@ def choose_rank(
             chosen = max(allowed_under_cap) if allowed_under_cap else min(allowed)
     else:
         chosen = needed if cap is None else min(needed, cap)
+    chosen = min(chosen, spectrum.full_rank)
     error = spectrum.relative_error(chosen)
     return RankChoice(chosen, error, spectrum.energy_kept(chosen), error <= max_error)
 

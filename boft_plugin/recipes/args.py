@@ -317,7 +317,7 @@ class RecipeOptions:
         """The ``export_lora_*`` keys as :class:`boft_plugin.export.lora.LoraOptions` (None: no LoRA export)."""
         if self.export_lora_rank is None and self.export_lora_max_error is None:
             return None
-        from ..export.lora import LoraOptions
+        from ..export.lora_report import LoraOptions
 
         return LoraOptions(
             self.export_lora_rank, self.export_lora_max_error, self.export_lora_max_rank, self.export_lora_ranks
