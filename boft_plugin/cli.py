@@ -151,6 +151,9 @@ def _convert_to_lora(args: argparse.Namespace) -> int:
     """``convert --to-lora``: 0 written, 1 the error budget cannot be met (report printed, nothing written), 2 error."""
     from .errors import LoraBudgetError, LoraConversionError
     from .export.lora_convert import convert_to_lora
+    from .runtime.process_memory import limit_heap_retention
+
+    limit_heap_retention()  # CPU-only hosts: each freed layer's delta and SVD go back to the OS
 
     def show(report) -> None:
         data = report.as_dict()

@@ -6,6 +6,9 @@
 - two simulated nodes (two torch.distributed.run launchers, --nnodes 2, one rank each): SFT;
 - FSDP2 on the CPU (torch.distributed.run with the recipe option fsdp2_pre_shard): SFT, then DPO.
 
+The ZeRO-3 and FSDP2 SFT runs also export their adapter as LoRA (export_lora_*), compared with the conversion of the
+saved adapter in one process.
+
 Every exported adapter is reloaded with stock PEFT (and the merged model with transformers) in a fresh process and
 must reproduce the logits the training run computed.
 """
@@ -74,6 +77,26 @@ def sft_then_dpo(tmp_path: Path, launch_task, dpo_extra: dict | None = None, **s
     return sft_summary, dpo_summary
 
 
+def check_lora_export(output_dir: Path, **options) -> None:
+    """``<output_dir>/lora`` written by the sharded run equals the conversion of the saved adapter in one process
+    (products ``B @ A``: the SVD's signs are free), and stock PEFT reloads it (verify's ``lora`` entry)."""
+    from safetensors.torch import load_file
+
+    from boft_plugin.export import convert_to_lora
+
+    files = convert_to_lora(output_dir, output_dir.parent / f"{output_dir.name}_lora_files", probe=False, **options)
+    sharded = load_file(output_dir / "lora" / "adapter_model.safetensors")
+    single = load_file(output_dir.parent / f"{output_dir.name}_lora_files" / "adapter_model.safetensors")
+    assert sorted(sharded) == sorted(single) and len(files.layers) == len(sharded) // 2
+    for key in (k for k in sharded if k.endswith("lora_A.weight")):
+        up = key.replace("lora_A", "lora_B")
+        torch.testing.assert_close(sharded[up] @ sharded[key], single[up] @ single[key], atol=1e-6, rtol=1e-4)
+    (report,) = verify_in_fresh_process(output_dir, timeout=300)
+    assert report["lora"]["loads"], report["lora"]
+    if report["lora"]["recorded_max_delta_error"] < 1e-6:  # a full-rank conversion is exact
+        assert report["lora"]["rel_err"] < 1e-5, report["lora"]
+
+
 def test_ddp_torchrun_sft_then_dpo(tmp_path):
     sft_then_dpo(tmp_path, lambda task, recipe: launch_torchrun(task, recipe, f"DDP {task}"))
 
@@ -86,7 +109,9 @@ def test_zero3_accelerate_sft_then_dpo(tmp_path):
         lambda task, recipe: launch_accelerate("zero3.yaml", task, recipe, f"ZeRO-3 {task}"),
         save_strategy="steps",
         save_steps=3,
+        export_lora_rank=64,  # full rank of every tiny-model layer: exact
     )
+    check_lora_export(tmp_path / "sft", rank=64)
     # the Trainer's own ZeRO-3 checkpoint holds gathered adapter tensors (stage3_gather_16bit_weights_on_model_save)
     final = load_file(tmp_path / "sft" / "adapter_model.safetensors")
     checkpoint = load_file(tmp_path / "sft" / "checkpoint-3" / "adapter_model.safetensors")
@@ -132,7 +157,10 @@ def test_fsdp2_pre_shard_torchrun_sft_then_dpo(tmp_path):
         lambda task, recipe: launch_torchrun(task, recipe, f"FSDP2 {task}"),
         fsdp2_pre_shard=True,
         dpo_extra={"fsdp2_pre_shard": True},
+        export_lora_max_error=0.3,
+        export_lora_ranks="vllm",
     )
+    check_lora_export(tmp_path / "sft", max_error=0.3, ranks="vllm")
 
 
 def test_fsdp2_hsdp_two_simulated_nodes_of_two_ranks(tmp_path):
