@@ -209,24 +209,34 @@ def export_lora(
     float_weights = FloatWeights(peft_model.get_base_model())
     report = LoraReport(options, source="model")
     tensors: dict[str, Tensor] = {}
+    # a failure on one rank (a checkpoint read, an SVD) is kept and raised by every rank after the loop: the others
+    # keep gathering with it, so no rank is left alone in a collective
     with torch.no_grad():
         for name, layer in layers:
             weight = layer.get_base_layer().weight
             source = float_weights.get(weight)
-            value = source.read() if source else full_tensor(weight, prefer_fp32_master=False)  # collective
+            value = None
+            if source is None:
+                value = full_tensor(weight, prefer_fp32_master=False)  # collective
+            elif failure is None:
+                try:
+                    value = source.read()
+                except Exception as err:  # noqa: BLE001 - raised on every rank below
+                    failure = err
             rotations = [
                 (layer.to_peft_layout(a, full_tensor(layer.boft_R[a])), full_tensor(layer.boft_s[a]))
                 for a in layer.active_boft_adapters()
             ]
-            if writer:
-                matrix = layer.weight_to_matrix(value)
-                figures, lora_a, lora_b = convert_layer(name, matrix, rotations, options)
-                report.layers.append(figures)
-                conv_shape = tuple(value.shape) if value.dim() == 4 else None
-                tensors.update(lora_tensors(name, lora_a, lora_b, conv_shape))
+            if writer and failure is None:
+                try:
+                    figures, lora_a, lora_b = convert_layer(name, layer.weight_to_matrix(value), rotations, options)
+                    report.layers.append(figures)
+                    conv_shape = tuple(value.shape) if value.dim() == 4 else None
+                    tensors.update(lora_tensors(name, lora_a, lora_b, conv_shape))
+                except Exception as err:  # noqa: BLE001 - raised on every rank below
+                    failure = err
             del value, rotations
-    failure = None
-    if writer:
+    if writer and failure is None:
         try:
             if not report.budget_met:
                 raise budget_error(report)

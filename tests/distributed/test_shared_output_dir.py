@@ -41,7 +41,7 @@ def test_nodes_that_do_not_share_output_dir_are_refused(tmp_path):
     assert not (tmp_path / "node0-disk" / "out").exists()  # refused: the lock is released, the new dir removed
 
 
-@pytest.mark.parametrize("case", ["staging", "unpicklable"])
+@pytest.mark.parametrize("case", ["staging", "unpicklable", "lora_svd"])
 def test_an_export_failing_on_rank_0_raises_on_every_rank(tmp_path, case):
     cmd = torchrun_cmd([str(WORKERS / "failed_export_worker.py"), case, str(tmp_path / "out")], nproc_per_node=2)
     result = launch(cmd, timeout=TIMEOUT)
@@ -50,6 +50,10 @@ def test_an_export_failing_on_rank_0_raises_on_every_rank(tmp_path, case):
     assert set(raised) == {"0", "1"}, result.output[-3000:]
     if case == "staging":
         assert raised == {"0": "NotADirectoryError", "1": "NotADirectoryError"}
+    elif case == "lora_svd":
+        assert raised == {"0": "RuntimeError", "1": "RuntimeError"}
+        assert result.output.count("RuntimeError: SVD did not converge (layer 2)") >= 2  # rank 1 raises rank 0's error
+        assert not (tmp_path / "out" / "lora").exists()
     else:
         assert raised["0"] == "LocalError" and raised["1"] == "BoftExportError"
         assert "rank 0 failed: LocalError: disk full while writing" in result.output

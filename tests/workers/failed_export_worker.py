@@ -4,7 +4,8 @@ may hang in a gather.
     python -m torch.distributed.run --nproc_per_node 2 failed_export_worker.py CASE OUT_DIR
 
 CASE ``staging``: rank 0 cannot create its staging directory (the target is a file);
-``unpicklable``: rank 0's shard writer raises an exception that cannot be pickled.
+``unpicklable``: rank 0's shard writer raises an exception that cannot be pickled;
+``lora_svd``: rank 0's SVD fails in the middle of ``export_lora`` (the other rank is still gathering layers).
 """
 
 import os
@@ -15,7 +16,7 @@ from peft import BOFTConfig, get_peft_model
 
 import boft_plugin
 from boft_plugin.distributed.fsdp2.shard import shard_for_fsdp2
-from boft_plugin.export import merged
+from boft_plugin.export import lora, merged
 from boft_plugin.runtime.process_exit import exit_after_distributed_run
 from boft_plugin.toy.models import tiny_llama
 
@@ -40,9 +41,22 @@ if case == "unpicklable" and rank == 0:
         raise LocalError("disk full while writing " + entry.key)
 
     merged.ShardWriter.write = failing_write
+if case == "lora_svd" and rank == 0:
+    calls = []
+
+    def failing_svd(delta):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("SVD did not converge (layer 2)")
+        return real_svd(delta)
+
+    real_svd, lora.spectrum_of = lora.spectrum_of, failing_svd
 dist.barrier()
 try:
-    boft_plugin.export_merged(model, target)
+    if case == "lora_svd":
+        boft_plugin.export_lora(model, os.path.join(out, "lora"), rank=4)
+    else:
+        boft_plugin.export_merged(model, target)
     sys.stdout.write(f"rank {rank}: no error\n")
     code = 0
 except Exception as err:  # noqa: BLE001 - the test reads what every rank raised
