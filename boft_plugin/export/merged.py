@@ -138,7 +138,17 @@ def export_merged(
         with torch.no_grad():
             for entry, tensor, layer in order:
                 source = float_weights.get(tensor)
-                value = source.read() if source else full_tensor(tensor, prefer_fp32_master=False)  # collective
+                if source is None:
+                    value = full_tensor(tensor, prefer_fp32_master=False)  # collective
+                else:  # a quantised layer's full-precision weight, read from the checkpoint (not collective)
+                    value = None
+                    if failure is None:
+                        try:
+                            value = source.read()
+                        except Exception as err:  # noqa: BLE001 - keep gathering with the others, raise after
+                            failure = err
+                    if value is None:  # a stand-in so that the adapter's gathers below still run on this rank
+                        value = torch.zeros(entry.shape, dtype=entry.dtype)
                 if layer is not None:
                     value = _merged_weight(layer, value)
                 if writer is not None and failure is None:
