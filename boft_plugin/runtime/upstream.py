@@ -190,11 +190,30 @@ def torch_dispatch_mode() -> type:
     return TorchDispatchMode
 
 
-def unpack_bnb_cpu_weight(data, quant_state):
-    """bitsandbytes' inverse of its CPU repacking of a 4-bit weight: ``(packed codes, quant state)``."""
+def bnb_cpu_kernel_is_bf16() -> bool:
+    """Whether bitsandbytes' 4-bit CPU inference kernel (eval mode, no grad) computes in bf16 on this CPU
+    (AVX512-BF16: it repacks the weight and rounds its absmax and the activations to bf16)."""
     from bitsandbytes import functional as bnb_functional
 
-    return bnb_functional._convert_weight_packed_for_cpu_inverse(data, quant_state)
+    return bool(bnb_functional.has_avx512bf16())
+
+
+def unpack_bnb_cpu_weight(data, quant_state):
+    """bitsandbytes' inverse of its CPU repacking of a 4-bit weight: ``(packed codes, quant state)``.
+
+    The repacking stores ``absmax`` transposed as ``(in / blocksize, out)`` bf16; bitsandbytes 0.50's inverse
+    restores it only for double quantisation and leaves a plain state's ``absmax`` in that layout, which
+    ``dequantize_4bit`` then reads in the wrong order (32% off on the test model). Here the plain case is put back
+    as the flat float32 ``(out * in / blocksize,)`` vector; the bf16 rounding of the repacking itself stays.
+    """
+    import torch
+    from bitsandbytes import functional as bnb_functional
+
+    nested = getattr(quant_state, "original_nested", quant_state.nested)
+    data, quant_state = bnb_functional._convert_weight_packed_for_cpu_inverse(data, quant_state)
+    if not nested and quant_state.absmax.dim() == 2:
+        quant_state.absmax = quant_state.absmax.T.reshape(-1).to(torch.float32).contiguous()
+    return data, quant_state
 
 
 def parse_size_to_int(size: str) -> int:

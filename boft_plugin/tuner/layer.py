@@ -89,6 +89,11 @@ class BoftLayer(BOFTLayer):
         """Inverse of :meth:`weight_to_matrix`."""
         raise NotImplementedError
 
+    def get_base_weight(self) -> Tensor:
+        """The base weight as a float tensor (PEFT's method; a bitsandbytes 4-bit weight that its CPU forward
+        repacked is unpacked first, which PEFT's own backend would misread)."""
+        return dequantised_weight(self)
+
     def _weight_matrix(self) -> tuple[Tensor, torch.Size, torch.dtype]:
         """The base weight as an ``(out, width)`` matrix (dequantised once for a quantised base), its shape and
         dtype."""

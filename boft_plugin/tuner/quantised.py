@@ -97,4 +97,4 @@ def dequantised_weight(layer) -> Tensor:
     """
     if layer.quantization_backend is not None:
         return dequantise(layer.get_base_layer(), layer.quantization_backend)
-    return layer.get_base_weight()
+    return layer.get_base_layer().weight.data
