@@ -30,7 +30,9 @@ def check_verified(*output_dirs: Path) -> None:
     for report in verify_in_fresh_process(*output_dirs, timeout=300):
         assert report["ok"], report
         assert report["quantised_base"] == "bitsandbytes"
-        assert report["oracle_rel_err"] < 1e-5  # stock PEFT's maths on the same quantised base
+        # stock PEFT's maths on the same quantised base (bf16-level where bitsandbytes' CPU kernel computes in bf16)
+        limit = 2e-2 if report.get("quantised_kernel_dtype") == "torch.bfloat16" else 1e-5
+        assert report["oracle_rel_err"] < limit
         if "merged_rel_err" in report:  # full precision, against the adapter on the full-precision base
             assert report["merged_against"] == "boft-plugin on the full-precision base"
             assert report["merged_rel_err"] < 1e-5
