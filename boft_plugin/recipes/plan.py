@@ -87,7 +87,7 @@ def prepare(recipe: Recipe, train_dataset=None, eval_dataset=None) -> RunPlan:
     """
     training, options = recipe.training, recipe.options
     engine = engine_of(training, options)
-    check_quantisation(recipe.model, engine)
+    check_quantisation(recipe.model, engine, options.fsdp2_pre_shard)
     train, evaluation = load_recipe_data(recipe, train_dataset, eval_dataset)
     check_data_order(training, options, _length(train), recipe.task)
     source = model_source(recipe)

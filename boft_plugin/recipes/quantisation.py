@@ -15,9 +15,11 @@ from ..errors import RecipeError
 
 __all__ = ["QUANTISED_ENGINES", "check_quantisation", "describe_quantisation", "quantisation_config"]
 
-# Engines a quantised base is tested under. ZeRO and FSDP2 shard the base weights, and neither path is tested yet
-# with packed 4-bit / 8-bit weights: refused up front rather than failing (or replicating) half-way.
-QUANTISED_ENGINES = ("single", "ddp")
+# Engines a quantised base is tested under. FSDP2 (``fsdp2_pre_shard``) shards 4-bit codes stored in a float dtype
+# (``bnb_4bit_quant_storage``); ZeRO, accelerate's FSDP plugin and 8-bit weights under FSDP2 are not tested with
+# packed weights: refused up front rather than failing (or replicating) half-way.
+QUANTISED_ENGINES = ("single", "ddp", "fsdp2")
+_FLOAT_STORAGE = ("bfloat16", "float16", "float32")
 
 _FOUR_BIT_KEYS = ("bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage")
 
@@ -61,7 +63,7 @@ def describe_quantisation(config) -> str:
     return ", ".join(parts)
 
 
-def check_quantisation(model_args, engine: str) -> None:
+def check_quantisation(model_args, engine: str, fsdp2_pre_shard: bool = False) -> None:
     """Raise :class:`RecipeError` for quantisation keys that cannot run as given (nothing is loaded yet)."""
     from trl import ModelConfig
 
@@ -83,12 +85,26 @@ def check_quantisation(model_args, engine: str) -> None:
         raise RecipeError(
             f"recipe key '{key}' needs bitsandbytes, which is not installed: pip install 'boft-plugin[quant]'"
         )
-    if engine not in QUANTISED_ENGINES:
+    if engine not in QUANTISED_ENGINES or (engine == "fsdp2" and not fsdp2_pre_shard):
+        launch = "accelerate's FSDP plugin" if engine == "fsdp2" else engine
         raise RecipeError(
-            f"recipe key '{key}': a quantised base runs in one process or under DDP ({', '.join(QUANTISED_ENGINES)}); "
-            f"this launch is {engine}, where sharding packed 4-bit / 8-bit weights is not supported yet. Launch with "
-            "torchrun or accelerate's multi_gpu config, or load the base unquantised"
+            f"recipe key '{key}': a quantised base runs in one process, under DDP, or (4-bit) under FSDP2 with "
+            f"'fsdp2_pre_shard: true'; this launch is {launch}, where sharding packed 4-bit / 8-bit weights is not "
+            "supported yet. Launch with torchrun (add 'fsdp2_pre_shard: true' to shard a 4-bit base), or load the "
+            "base unquantised"
         )
+    if engine == "fsdp2":
+        storage = str(model_args.bnb_4bit_quant_storage or "uint8").removeprefix("torch.")  # bitsandbytes' default
+        if model_args.load_in_8bit:
+            raise RecipeError(
+                "recipe key 'load_in_8bit': FSDP2 shards 4-bit bases only (8-bit weights carry their scales on the "
+                "parameter, which FSDP2's sharded copy drops); use 'load_in_4bit: true', or launch under DDP"
+            )
+        if storage not in _FLOAT_STORAGE:
+            raise RecipeError(
+                f"recipe key 'bnb_4bit_quant_storage': {storage!r} codes are not sharded by FSDP2 here; set it to "
+                f"one of {', '.join(_FLOAT_STORAGE)} (the packed codes' storage dtype, e.g. your model's dtype)"
+            )
     try:
         quantisation_config(model_args)
     except (TypeError, ValueError, AttributeError) as err:

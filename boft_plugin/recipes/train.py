@@ -202,6 +202,7 @@ def finish(plan: RunPlan, trainer, built: Built, started: float | None = None, p
     extra = {
         "base_model": built.base_model_path,
         "base_quantisation": describe_quantisation(quantisation_config(recipe.model)),
+        "engine": trainer.boft_engine.name,
         "wall_time_s": time.time() - started if started else None,
     }
     if peaks is not None:

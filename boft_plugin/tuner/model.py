@@ -17,7 +17,7 @@ from .conv import BoftConv2d
 from .layer import BoftLayer
 from .linear import BoftLinear
 from .numerics import track
-from .quantised import quantisation_kwargs
+from .quantised import keep_bnb_training_layout, quantisation_kwargs
 from .state_dict import (
     check_adapter_tensors,
     expected_adapter_shapes,
@@ -86,6 +86,7 @@ class BoftTuner(BOFTModel):
             )
         adapter_name = getattr(self, "_adapter_being_injected", "default")
         check_targets(model, peft_config, adapter_name=adapter_name)
+        keep_bnb_training_layout(model)  # bitsandbytes' CPU eval layout breaks its 4-bit backward (quantised.py)
         # what to restore if loading this adapter's weights fails after injection (see undo_adapter)
         snapshots = self.__dict__.setdefault("_boft_requires_grad_before", {})
         snapshots[adapter_name] = [(p, p.requires_grad) for p in model.parameters()]

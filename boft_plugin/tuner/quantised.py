@@ -19,6 +19,7 @@ from ..errors import BoftQuantisedMergeError
 
 __all__ = [
     "check_mergeable",
+    "keep_bnb_training_layout",
     "dequantise",
     "dequantised_weight",
     "describe_backend",
@@ -68,6 +69,27 @@ def _unpack_bnb_cpu_layout(base_layer: nn.Module) -> None:
     weight.quant_state = state
     if getattr(base_layer, "quant_state", None) is not None:
         base_layer.quant_state = state
+
+
+def keep_bnb_training_layout(model: nn.Module) -> int:
+    """Switch off bitsandbytes' CPU repacking on every 4-bit layer of ``model`` and undo it where it already
+    happened, in place; returns how many layers had it on.
+
+    On CPUs with AVX512-BF16, ``Linear4bit.forward`` in eval mode without gradients repacks the weight into a CPU
+    inference layout and keeps it. bitsandbytes 0.50's backward then dequantises that layout as the plain one: after
+    one evaluation, the input gradients of a 4-bit model are wrong (measured on a tiny Llama: 67% relative error in
+    the embedding gradient; the loss itself is unchanged), so every adapter before the last quantised layer trains on
+    wrong gradients without an error. The plain layout runs the same product in float32 (the repacked kernel
+    computes in bf16). Layers outside the adapter's targets are switched off too: their input gradients feed the
+    adapters below them.
+    """
+    switched = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+        _unpack_bnb_cpu_layout(module)
+    return switched
 
 
 def check_mergeable(layer, action: str) -> None:

@@ -4,6 +4,7 @@ exports verified in a fresh process, and the refusals that come before anything 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -70,6 +71,24 @@ def test_ddp_torchrun_sft_on_an_8bit_base(tmp_path):
     check_verified(out)
 
 
+@pytest.mark.distributed
+def test_fsdp2_torchrun_sft_shards_a_4bit_base(tmp_path):
+    data = write_tiny_data(tmp_path / "data")
+    out = tmp_path / "sft"
+    recipe = write_recipe(
+        tmp_path / "sft.yaml", tiny_recipe("sft", out, data, export_merged=True, fsdp2_pre_shard=True, **FOUR_BIT)
+    )
+    cmd = torchrun_cmd(["boft_plugin", "sft", "--config", recipe], nproc_per_node=2, module=True)
+    result = launch(cmd, timeout=420, env=cpu_env(), cwd=str(REPO))
+    result.check("FSDP2 sft, 4-bit")
+    assert re.search(r"FSDP2: (\d+) of \1 4-bit layers sharded", result.output)  # on each rank
+    summary_ = summary(out)
+    assert summary_["world_size"] == 2 and summary_["engine"] == "fsdp2"
+    assert summary_["base_quantisation"] == "4-bit nf4, double quantisation, storage bfloat16"
+    assert summary_["eval_last"]["eval_loss"] < summary_["eval_first"]["eval_loss"]
+    check_verified(out)
+
+
 def test_adapters_train_in_float32_on_a_4bit_base(tmp_path):
     import bitsandbytes as bnb
     import torch
@@ -90,7 +109,9 @@ def test_adapters_train_in_float32_on_a_4bit_base(tmp_path):
     [
         ({"bnb_4bit_quant_type": "fp4"}, "'bnb_4bit_quant_type' only apply to a 4-bit base: add 'load_in_4bit: true'"),
         ({"load_in_8bit": True, "use_bnb_nested_quant": True}, "apply to 4-bit bases, not 8-bit"),
-        ({"load_in_4bit": True, "fsdp2_pre_shard": True}, "a quantised base runs in one process or under DDP"),
+        ({"load_in_4bit": True, "fsdp2_pre_shard": True}, "'bnb_4bit_quant_storage': 'uint8' codes are not sharded"),
+        ({"load_in_8bit": True, "fsdp2_pre_shard": True}, "FSDP2 shards 4-bit bases only"),
+        ({**FOUR_BIT, "_env": {"ACCELERATE_USE_FSDP": "true"}}, "this launch is accelerate's FSDP plugin"),
         ({"load_in_4bit": True, "bnb_4bit_quant_storage": "int3"}, "recipe quantisation keys cannot be used"),
         ({"load_in_4bit": True, "_no_bitsandbytes": True}, "needs bitsandbytes, which is not installed: pip install"),
     ],
@@ -100,6 +121,8 @@ def test_quantisation_keys_that_cannot_run_are_refused_before_anything_loads(tmp
     from boft_plugin.recipes import quantisation as quantisation_module
 
     keys = dict(keys)
+    for name, value in keys.pop("_env", {}).items():
+        monkeypatch.setenv(name, value)
     if keys.pop("_no_bitsandbytes", False):
         real = quantisation_module.importlib.util.find_spec
         monkeypatch.setattr(

@@ -17,7 +17,7 @@ from ..checkpoint_files import has_safetensors
 from ..engine import AdapterRequest, BaseModelSpec, Engine
 from . import checkpoints
 from .loading import copy_adapter_shards, load_adapter_shards, load_sharded_base_weights
-from .shard import device_mesh, is_fsdp2_sharded, shard_for_fsdp2, store_block_major
+from .shard import device_mesh, is_fsdp2_sharded, packed_4bit_layers, shard_for_fsdp2, store_block_major
 
 __all__ = [
     "FSDP2Engine",
@@ -43,9 +43,15 @@ class FSDP2Engine(Engine):
 
     def load_base(self, spec: BaseModelSpec):
         """A local safetensors checkpoint: the model on the meta device (each rank reads its slices in
-        :meth:`adapt`); otherwise (a hub id) ``from_pretrained`` whole, sharded in :meth:`adapt`."""
+        :meth:`adapt`); otherwise (a hub id, or a base quantised while it loads) ``from_pretrained`` whole, sharded
+        in :meth:`adapt`.
+
+        A 4-bit base is quantised by bitsandbytes as it loads, on this rank's device: each rank holds the whole
+        packed model (1/4 of its bf16 bytes) until :meth:`adapt` shards it, then ~1/W of it.
+        """
         self._spec = spec
-        self._from_shards = has_safetensors(spec.path)
+        quantised = spec.from_pretrained_kwargs.get("quantization_config") is not None
+        self._from_shards = has_safetensors(spec.path) and not quantised
         if not self._from_shards:
             return super().load_base(spec)
         import torch
@@ -87,7 +93,11 @@ class FSDP2Engine(Engine):
                 copy_adapter_shards(model, "default", request.reference)
         mesh = device_mesh(self.replicas)
         self._log(f"FSDP2 mesh {tuple(mesh.shape)} {mesh.mesh_dim_names} on {mesh.device_type}")
+        packed = len(packed_4bit_layers(model))
         shard_for_fsdp2(model, mesh=mesh, mp_policy=self.policy())
+        if packed:
+            left = len(packed_4bit_layers(model))  # a sharded layer's weight is a DTensor, no longer Params4bit
+            self._log(f"FSDP2: {packed - left} of {packed} 4-bit layers sharded, each its own unit")
         if self._from_shards:
             report = load_sharded_base_weights(model, self._spec.path)  # also initialises the adapters
             self._log(

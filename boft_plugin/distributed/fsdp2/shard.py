@@ -141,11 +141,17 @@ def shard_for_fsdp2(
     separate_adapters = float32_adapters and lower
     adapter_kwargs = dict(kwargs, mp_policy=adapter_policy(mp_policy), reshard_after_forward=False)
     blocks = _block_modules(model, block_classes)
+    # first: each is its own unit (see packed_4bit_layers), never cast (a bf16 cast of float32-stored codes would
+    # corrupt them)
+    for module in packed_4bit_layers(model):
+        fully_shard(module, **dict(kwargs, mp_policy=adapter_policy(mp_policy)))
+    packed = {id(m) for m in packed_4bit_layers(model)}
     for block in blocks:
         inside = [m for m in block.modules() if isinstance(m, BoftLayer)]
         if separate_adapters and inside:
             for layer in inside:  # bottom-up: the base weight first, so the adapter unit holds the adapter alone
-                fully_shard(layer.get_base_layer(), **kwargs)
+                if id(layer.get_base_layer()) not in packed:
+                    fully_shard(layer.get_base_layer(), **kwargs)
             fully_shard(inside, **adapter_kwargs)
         fully_shard(block, **kwargs)
     if separate_adapters:
@@ -153,13 +159,28 @@ def shard_for_fsdp2(
         outside = [m for m in layers if id(m) not in in_blocks]
         if outside:
             for layer in outside:
-                fully_shard(layer.get_base_layer(), **kwargs)
+                if id(layer.get_base_layer()) not in packed:
+                    fully_shard(layer.get_base_layer(), **kwargs)
             fully_shard(outside, **adapter_kwargs)
     if separate_embeddings:
         for module in _untied_embeddings(model):
             fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def packed_4bit_layers(model: nn.Module) -> list[nn.Module]:
+    """bitsandbytes 4-bit layers (``Linear4bit``): each gets an FSDP2 unit of its own.
+
+    Their packed codes are a ``(numel / k, 1)`` parameter in ``bnb_4bit_quant_storage`` (a float dtype, so FSDP2 can
+    shard it along dim 0), while the block around them holds float norms: one FSDP2 unit all-gathers one dtype.
+    The quant state is a plain module attribute, not a parameter, so it stays whole on every rank (absmax: one
+    float per 64 weights); ``Linear4bit.forward`` re-attaches it to the gathered codes
+    (``fix_4bit_weight_quant_state_from_module``). bitsandbytes' CPU repacking of the codes in eval forwards
+    (AVX512-BF16 CPUs), which would rewrite FSDP2's gathered buffer in place, was switched off when the adapter was
+    added (``tuner.quantised.keep_bnb_training_layout``).
+    """
+    return [m for m in model.modules() if type(m._parameters.get("weight")).__name__ == "Params4bit"]
 
 
 def _untied_embeddings(model: nn.Module) -> list[nn.Module]:
