@@ -94,12 +94,12 @@ def check_quantisation(model_args, engine: str, fsdp2_pre_shard: bool = False) -
             "base unquantised"
         )
     if engine == "fsdp2":
-        storage = str(model_args.bnb_4bit_quant_storage or "uint8").removeprefix("torch.")  # bitsandbytes' default
         if model_args.load_in_8bit:
             raise RecipeError(
                 "recipe key 'load_in_8bit': FSDP2 shards 4-bit bases only (8-bit weights carry their scales on the "
                 "parameter, which FSDP2's sharded copy drops); use 'load_in_4bit: true', or launch under DDP"
             )
+        storage = str(model_args.bnb_4bit_quant_storage or "uint8").removeprefix("torch.")  # bitsandbytes' default
         if storage not in _FLOAT_STORAGE:
             raise RecipeError(
                 f"recipe key 'bnb_4bit_quant_storage': {storage!r} codes are not sharded by FSDP2 here; set it to "

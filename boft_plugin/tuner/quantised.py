@@ -19,10 +19,10 @@ from ..errors import BoftQuantisedMergeError
 
 __all__ = [
     "check_mergeable",
-    "keep_bnb_training_layout",
     "dequantise",
     "dequantised_weight",
     "describe_backend",
+    "keep_bnb_training_layout",
     "quantisation_backend",
     "quantisation_kwargs",
 ]

@@ -143,9 +143,10 @@ def shard_for_fsdp2(
     blocks = _block_modules(model, block_classes)
     # first: each is its own unit (see packed_4bit_layers), never cast (a bf16 cast of float32-stored codes would
     # corrupt them)
-    for module in packed_4bit_layers(model):
+    packed_layers = packed_4bit_layers(model)
+    for module in packed_layers:
         fully_shard(module, **dict(kwargs, mp_policy=adapter_policy(mp_policy)))
-    packed = {id(m) for m in packed_4bit_layers(model)}
+    packed = {id(m) for m in packed_layers}
     for block in blocks:
         inside = [m for m in block.modules() if isinstance(m, BoftLayer)]
         if separate_adapters and inside:
