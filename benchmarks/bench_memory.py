@@ -4,14 +4,16 @@
     python benchmarks/bench_memory.py --size small --worlds 1 2     # a quick look (~56M parameters)
     python benchmarks/bench_memory.py --task dpo --worlds 2
     python benchmarks/bench_memory.py --size smollm2 --engines single ddp --worlds 1 2 --quant none 4bit 8bit
+    python benchmarks/bench_memory.py --size smollm2 --engines zero3 fsdp2 --worlds 2 --quant 4bit
 
 The checkpoint (random weights, saved once with 1 GB safetensors shards) is cached under
 ``$BOFT_PLUGIN_CACHE`` (default ``~/.cache/boft-plugin``). Each run is ``boft-plugin sft|dpo`` through the engine's own
 launcher (ZeRO-3: ``accelerate launch --config_file integrations/accelerate/zero3.yaml``; FSDP2:
 ``torch.distributed.run`` + ``fsdp2_pre_shard``; single: one process; ddp: ``torch.distributed.run``) with BOFT b = 8,
 m = 2 on every linear layer, 2 steps, the adapter and the merged export. ``--quant 4bit|8bit`` loads the base with
-the recipe's bitsandbytes keys (one process and DDP only: every rank holds the whole quantised base); its model size
-is the loaded model's ``get_memory_footprint()``, measured in a child process. Every rank samples its own
+the recipe's bitsandbytes keys (ZeRO-3 and FSDP2 shard it after every rank loaded it whole and quantised, so their
+``load`` peak holds the whole quantised base; FSDP2 takes 4-bit only); its model size is the loaded model's
+``get_memory_footprint()``, measured in a child process. Every rank samples its own
 ``RssAnon`` (``/proc/self/status``, every 20 ms) per phase; the run's ``boft_run_summary.json`` holds them
 (``rss_anon_mib_by_rank``). Printed: per engine and W, the largest rank's peak per phase, next to its share of the
 model (model/W when sharded, the whole model when replicated) and to the bound share + 1.5 GiB.
@@ -261,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     global_batch = max(args.worlds)
     sizes = {quant: model_gib if quant == "none" else quantised_gib(base, quant) for quant in args.quant}
     for quant in args.quant:
-        if quant != "none" and not set(args.engines) <= {"single", "ddp"}:
-            raise SystemExit("--quant 4bit/8bit runs under the single and ddp engines only (docs/quantised.md)")
+        if quant == "8bit" and "fsdp2" in args.engines:
+            raise SystemExit("--quant 8bit: FSDP2 shards 4-bit bases only (docs/quantised.md)")
     for quant in args.quant:
         for engine in args.engines:
             for world in args.worlds:

@@ -130,6 +130,10 @@ class Engine:
     def after_wrap(self, model: nn.Module) -> None:
         """The trainer has wrapped the model (TRL added the adapter); nothing is prepared yet."""
 
+    def trainer_callbacks(self) -> list:
+        """Trainer callbacks the engine needs (added by the recipes' trainers)."""
+        return []
+
     def save_state(self, trainer, output_dir: str) -> bool:
         """Write the trainer's model and optimizer state in the engine's format; False: the Trainer's own."""
         return False

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import RecipeError
 
-__all__ = ["check_half_precision_has_a_gpu", "deepspeed_requested", "use_torch_autocast"]
+__all__ = ["check_half_precision_has_a_gpu", "deepspeed_half_mode", "deepspeed_requested", "use_torch_autocast"]
 
 _TRUE = {"true", "1", "yes"}
 
@@ -144,6 +144,19 @@ def use_torch_autocast(merged: dict[str, Any], args: list[str], has_accelerator:
         f"bf16 under DeepSpeed: {source} run with torch_autocast(bfloat16) instead of DeepSpeed's bf16 mode, so the "
         "BOFT adapters and every checkpoint stay float32 (boft_plugin.recipes.deepspeed_precision)"
     )
+
+
+def deepspeed_half_mode(merged: dict[str, Any], args: Sequence[str]) -> str | None:
+    """``'bfloat16'`` / ``'float16'`` when the DeepSpeed config enables DeepSpeed's own half-precision mode (which
+    casts every float parameter to that dtype), else None; call after :func:`use_torch_autocast`."""
+    config, _ = _deepspeed_config(merged, args)
+    if config is None:
+        return None
+    for section, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
+        enabled = (config.get(section) or {}).get("enabled", "auto")
+        if enabled is True or str(enabled).lower() == "true":
+            return dtype
+    return None
 
 
 def check_half_precision_has_a_gpu(merged: dict[str, Any], args: Sequence[str], has_accelerator: bool) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 from ..errors import RecipeError
 from ..runtime.process_exit import launched_world_size
 from .args import BoftArguments, RecipeOptions
+from .quantisation import check_packed_codes_survive_half_mode
 
 TASKS = ("sft", "dpo")
 
@@ -279,10 +280,11 @@ def parse_recipe(task: str, argv: Sequence[str] | None = None, config: dict | No
     env = merged.pop("env", None) or {}
     for key, value in env.items():
         os.environ[str(key)] = str(value)
-    from .deepspeed_precision import check_half_precision_has_a_gpu, use_torch_autocast
+    from .deepspeed_precision import check_half_precision_has_a_gpu, deepspeed_half_mode, use_torch_autocast
 
     autocast_note = use_torch_autocast(merged, args, _has_accelerator())
     check_half_precision_has_a_gpu(merged, args, _has_accelerator())
+    half_mode = deepspeed_half_mode(merged, args)
     merged.update(cpu_launch_defaults(merged, args))
     prefer_activation_checkpointing(merged, args)
     if merged:
@@ -304,6 +306,7 @@ def parse_recipe(task: str, argv: Sequence[str] | None = None, config: dict | No
         raise RecipeError(f"unexpected command-line argument(s): {' '.join(remaining)}")
     script, training, model, mixture, boft, options = parsed[:6]  # then a namespace holding --config (help only)
     _check_model_keys(model)
+    check_packed_codes_survive_half_mode(model, half_mode)
     _check_world_size(training)
     _check_report_to(training)
     notes = (autocast_note,) if autocast_note else ()

@@ -13,12 +13,19 @@ import importlib.util
 
 from ..errors import RecipeError
 
-__all__ = ["QUANTISED_ENGINES", "check_quantisation", "describe_quantisation", "quantisation_config"]
+__all__ = [
+    "QUANTISED_ENGINES",
+    "check_packed_codes_survive_half_mode",
+    "check_quantisation",
+    "describe_quantisation",
+    "quantisation_config",
+]
 
-# Engines a quantised base is tested under. FSDP2 (``fsdp2_pre_shard``) shards 4-bit codes stored in a float dtype
-# (``bnb_4bit_quant_storage``); ZeRO, accelerate's FSDP plugin and 8-bit weights under FSDP2 are not tested with
-# packed weights: refused up front rather than failing (or replicating) half-way.
-QUANTISED_ENGINES = ("single", "ddp", "fsdp2")
+# Engines a quantised base is tested under. ZeRO-3 partitions the quantised weights as the engine starts (4-bit and
+# 8-bit); FSDP2 (``fsdp2_pre_shard``) shards 4-bit codes stored in a float dtype (``bnb_4bit_quant_storage``).
+# accelerate's FSDP plugin and 8-bit weights under FSDP2 are not tested with packed weights: refused up front rather
+# than failing (or replicating) half-way.
+QUANTISED_ENGINES = ("single", "ddp", "zero2", "zero3", "fsdp2")
 _FLOAT_STORAGE = ("bfloat16", "float16", "float32")
 
 _FOUR_BIT_KEYS = ("bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage")
@@ -63,6 +70,21 @@ def describe_quantisation(config) -> str:
     return ", ".join(parts)
 
 
+def check_packed_codes_survive_half_mode(model_args, half_dtype: str | None) -> None:
+    """Refuse a 4-bit base whose packed codes DeepSpeed's own half-precision mode would cast (``half_dtype``:
+    ``deepspeed_precision.deepspeed_half_mode``): it casts every float parameter, and a float32 (say) storage dtype
+    holds bit patterns, not numbers, so the cast destroys the weights without an error."""
+    if half_dtype is None or not model_args.load_in_4bit:
+        return
+    storage = str(model_args.bnb_4bit_quant_storage or "uint8").removeprefix("torch.")
+    if storage in _FLOAT_STORAGE and storage != half_dtype:
+        raise RecipeError(
+            f"recipe key 'bnb_4bit_quant_storage': {storage!r} packed 4-bit codes would be cast to {half_dtype} by "
+            f"DeepSpeed's own half-precision mode (the DeepSpeed config enables it), which destroys them; set it to "
+            f"{half_dtype!r} or 'uint8', or leave the config's precision 'auto' (bf16: true then runs torch_autocast)"
+        )
+
+
 def check_quantisation(model_args, engine: str, fsdp2_pre_shard: bool = False) -> None:
     """Raise :class:`RecipeError` for quantisation keys that cannot run as given (nothing is loaded yet)."""
     from trl import ModelConfig
@@ -88,10 +110,9 @@ def check_quantisation(model_args, engine: str, fsdp2_pre_shard: bool = False) -
     if engine not in QUANTISED_ENGINES or (engine == "fsdp2" and not fsdp2_pre_shard):
         launch = "accelerate's FSDP plugin" if engine == "fsdp2" else engine
         raise RecipeError(
-            f"recipe key '{key}': a quantised base runs in one process, under DDP, or (4-bit) under FSDP2 with "
-            f"'fsdp2_pre_shard: true'; this launch is {launch}, where sharding packed 4-bit / 8-bit weights is not "
-            "supported yet. Launch with torchrun (add 'fsdp2_pre_shard: true' to shard a 4-bit base), or load the "
-            "base unquantised"
+            f"recipe key '{key}': a quantised base runs in one process, under DDP, DeepSpeed ZeRO-2/3, or (4-bit) "
+            f"under FSDP2 with 'fsdp2_pre_shard: true'; this launch is {launch}, where sharding packed 4-bit / 8-bit "
+            "weights is not supported yet. Launch with torchrun and 'fsdp2_pre_shard: true', or with DeepSpeed"
         )
     if engine == "fsdp2":
         if model_args.load_in_8bit:

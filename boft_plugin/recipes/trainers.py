@@ -71,6 +71,8 @@ class BoftTrainerMixin:
         self.boft_keep_checkpoints, self.args.save_total_limit = self.args.save_total_limit, None
         self.add_callback(LogMemory())
         self.add_callback(NumericsGuardCallback())
+        for callback in self.boft_engine.trainer_callbacks():
+            self.add_callback(callback)
         if self.boft_engine.device().type == "cpu":  # glibc heap tuning helps CPU runs; GPU hosts keep defaults
             self.add_callback(ReleaseFreedMemory())
         if getattr(self, "is_fsdp_enabled", False):  # accelerate's FSDP2 plugin shards every parameter on dim 0

@@ -82,3 +82,15 @@ def test_deepspeed_half_precision_modes_are_refused_without_a_gpu(accelerate_dee
     assert use_torch_autocast(merged, [], has_accelerator=False) is None  # the config's own mode is kept...
     with pytest.raises(RecipeError):  # ...and refused here, in one line
         check_half_precision_has_a_gpu(merged, [], has_accelerator=False)
+
+
+def test_deepspeed_half_mode_is_read_from_the_config_the_trainer_gets():
+    from boft_plugin.recipes.deepspeed_precision import deepspeed_half_mode
+
+    assert deepspeed_half_mode({}, []) is None  # no DeepSpeed
+    assert deepspeed_half_mode({"deepspeed": {"bf16": {"enabled": True}}}, []) == "bfloat16"
+    assert deepspeed_half_mode({"deepspeed": {"fp16": {"enabled": "true"}}}, []) == "float16"
+    assert deepspeed_half_mode({"deepspeed": {"bf16": {"enabled": "auto"}}}, []) is None
+    merged: dict = {"deepspeed": {"bf16": {"enabled": "auto"}}, "bf16": True}
+    assert use_torch_autocast(merged, [], has_accelerator=True)  # rewritten to torch_autocast: nothing is cast
+    assert deepspeed_half_mode(merged, []) is None

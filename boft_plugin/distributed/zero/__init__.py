@@ -3,6 +3,7 @@ another number of ranks, and the engine's gathered parameters released before an
 
 - :mod:`.loading`: ZeRO-3 builds the model empty under ``zero.Init`` and every rank reads its own partitions;
 - :mod:`.checkpoints`: DeepSpeed's universal checkpoint format for resuming on another world size;
+- :mod:`.quantised`: a bitsandbytes base under ZeRO-3 (loaded quantised on each rank, partitioned by the engine);
 - precision: the recipes turn ``bf16: true`` into DeepSpeed's ``torch_autocast`` (``recipes.deepspeed_precision``),
   so the parameters, the BOFT adapter and the Trainer's checkpoints stay float32 and only the linear layers'
   weights travel in bf16 (docs/numerics.md, "Engines and bf16").
@@ -23,6 +24,7 @@ class ZeroEngine(Engine):
     def __init__(self, stage: int, log=None):
         self.stage = stage
         self.name = "zero3" if stage == 3 else "zero2"
+        self._quantised = False  # a bitsandbytes base (ZeRO-3 partitions it only once the engine starts)
         self._log = log or (lambda message: None)
 
     def after_wrap(self, model) -> None:
@@ -36,6 +38,8 @@ class ZeroEngine(Engine):
     def load_base(self, spec: BaseModelSpec):
         """ZeRO-3 and a local safetensors checkpoint: built empty and partitioned, every rank reads its partitions
         (on DeepSpeed's device for this rank); otherwise ``from_pretrained`` (under ``zero.Init`` for ZeRO-3)."""
+        if self.stage == 3 and spec.from_pretrained_kwargs.get("quantization_config") is not None:
+            return self._load_quantised_for_zero3(spec)
         if self.stage != 3 or not has_safetensors(spec.path):
             return super().load_base(spec)
         from transformers import GenerationConfig
@@ -59,6 +63,21 @@ class ZeroEngine(Engine):
         if os.path.isfile(os.path.join(spec.path, "generation_config.json")):
             model.generation_config = GenerationConfig.from_pretrained(spec.path)
         return model.eval()  # as from_pretrained returns it
+
+    def _load_quantised_for_zero3(self, spec: BaseModelSpec):
+        from .quantised import load_quantised_whole
+
+        self._quantised = True
+        model = load_quantised_whole(spec)
+        self._log(f"ZeRO-3: {spec.path} loaded quantised on this rank; DeepSpeed partitions it as the engine starts")
+        return model
+
+    def trainer_callbacks(self) -> list:
+        if not self._quantised:
+            return []
+        from .quantised import ReportQuantisedPartition
+
+        return [ReportQuantisedPartition(self._log)]
 
     def adapt(self, model, request: AdapterRequest):
         if request.init_adapter is None:
