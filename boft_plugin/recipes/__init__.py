@@ -26,6 +26,7 @@ _LAZY = {
     "Recipe": ".parsing",
     "parse_recipe": ".parsing",
     "make_parser": ".parsing",
+    "RecipeParser": ".parsing",
     "load_recipe_data": ".data",
     "Built": ".builder",
     "build": ".builder",

@@ -1,10 +1,11 @@
-"""Recipe parsing: a YAML mapping plus command-line flags, through TRL's own ``TrlParser``.
+"""Recipe parsing: a YAML mapping plus command-line flags, through :class:`RecipeParser`, a ``TrlParser``.
 
 Every field of TRL's ``SFTConfig`` / ``DPOConfig`` (and so of ``transformers.TrainingArguments``), ``ModelConfig``,
 ``ScriptArguments`` and ``DatasetMixtureConfig`` is a recipe key and a ``--flag`` exactly as in TRL's own
 ``trl sft`` / ``trl dpo`` scripts, next to :class:`~boft_plugin.recipes.args.BoftArguments` and
 :class:`~boft_plugin.recipes.args.RecipeOptions`. Flags override the YAML (``TrlParser`` turns the YAML into
-argparse defaults). Differences from TRL's scripts, on purpose:
+argparse defaults, in its own ``parse_args_and_config``, which :class:`RecipeParser` calls). Differences from
+TRL's scripts, on purpose:
 
 - an unknown YAML key or flag is an error naming it (TRL's scripts pass ``fail_with_unknown_args=False`` and
   drop unknown YAML keys silently);
@@ -14,12 +15,15 @@ argparse defaults). Differences from TRL's scripts, on purpose:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from trl import TrlParser
 
 from ..errors import RecipeError
 from ..runtime.process_exit import launched_world_size
@@ -67,28 +71,100 @@ def _dataclass_types(task: str) -> tuple[type, ...]:
     return (ScriptArguments, training, ModelConfig, DatasetMixtureConfig, BoftArguments, RecipeOptions)
 
 
-def make_parser(task: str, prog: str | None = None):
-    """TRL's ``TrlParser`` over the recipe's dataclasses for ``task`` ('sft' or 'dpo').
+class RecipeParser(TrlParser):
+    """TRL's ``TrlParser`` over one task's recipe dataclasses, strict about keys and prepared for this machine.
 
-    Its help shows ``--config`` first and hides the LoRA flags a BOFT recipe refuses.
+    ``parse_args_and_config`` is TRL's own (it reads ``--config``, sets the YAML's ``env``, turns the YAML into
+    defaults through :meth:`set_defaults_with_config` and parses the flags over them); this class adds, around it:
+    the YAML and a Python ``mapping`` checked key by key first (an unknown key is an error naming it, where TRL's
+    scripts drop it), the DeepSpeed precision and CPU launch defaults applied to the merged keys and the flags
+    before TRL sees them, unknown flags refused, and TRL's ``ValueError`` / ``TypeError`` given as
+    :class:`RecipeError`. Its help shows ``--config`` first and hides the LoRA flags a BOFT recipe refuses.
     """
-    import argparse
 
-    from trl import TrlParser
+    def __init__(self, task: str, prog: str | None = None, mapping: dict | None = None):
+        super().__init__(_dataclass_types(task), prog=prog or f"boft-plugin {task}", allow_abbrev=False)
+        self.task = task
+        self.mapping = dict(mapping or {})
+        self.config_path: str | None = None
+        self.notes: tuple[str, ...] = ()
+        self._prepared: dict[str, Any] = {}
+        self.half_mode: str | None = None  # DeepSpeed's own half-precision dtype, when its config enables it
+        for action in self._actions:
+            if action.dest in _REFUSED_MODEL_KEYS:
+                action.help = argparse.SUPPRESS
+        config = self.add_argument(
+            "--config",
+            metavar="RECIPE.yaml",
+            help="The recipe: a YAML mapping of any keys below (flags given on the command line override it).",
+        )
+        group = self._optionals._group_actions  # argparse lists options in this order: --config after --help
+        group.insert(1, group.pop(group.index(config)))
+        self.usage = f"boft-plugin {task} --config RECIPE.yaml [--key value ...]   (every key below, YAML or flag)"
 
-    parser = TrlParser(_dataclass_types(task), prog=prog or f"boft-plugin {task}", allow_abbrev=False)
-    for action in parser._actions:
-        if action.dest in _REFUSED_MODEL_KEYS:
-            action.help = argparse.SUPPRESS
-    config = parser.add_argument(
-        "--config",
-        metavar="RECIPE.yaml",
-        help="The recipe: a YAML mapping of any keys below (flags given on the command line override it).",
-    )
-    group = parser._optionals._group_actions  # argparse lists options in this order: put --config after --help
-    group.insert(1, group.pop(group.index(config)))
-    parser.usage = f"boft-plugin {task} --config RECIPE.yaml [--key value ...]   (every key below, YAML or flag)"
-    return parser
+    def parse_args_and_config(self, args=None, **_ignored):
+        """``(script, training, model, mixture, boft, options)`` for ``args`` (flags, maybe ``--config PATH``)."""
+        args = list(args or [])
+        merged = self._read_recipe(args)
+        env = merged.pop("env", None) or {}
+        for key, value in env.items():  # the mapping's env (TRL sets the YAML's again, to the same values)
+            os.environ[str(key)] = str(value)
+        self._prepared = self._prepare(merged, args)
+        if self.config_path is None:  # TRL applies the defaults only when it reads a --config file
+            self.set_defaults_with_config()
+        try:
+            *parsed, from_config, from_flags = super().parse_args_and_config(
+                args, return_remaining_strings=True, separate_remaining_strings=True
+            )
+        except RecipeError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise RecipeError(f"invalid recipe for `boft-plugin {self.task}`: {err}") from err
+        if from_config:  # unreachable after _check_keys, kept as TRL's own guard
+            raise _unknown_key_error(from_config[::2], self.task, self.config_path or "the recipe mapping")
+        if from_flags:
+            flags = [item.lstrip("-").split("=")[0] for item in from_flags if item.startswith("--")]
+            if flags:
+                raise _unknown_key_error(flags, self.task, "the command line")
+            raise RecipeError(f"unexpected command-line argument(s): {' '.join(from_flags)}")
+        return tuple(parsed[:6])  # then a namespace holding --config (help only)
+
+    def set_defaults_with_config(self, **_yaml) -> list[str]:
+        """The prepared keys (the mapping and the YAML, as :meth:`parse_args_and_config` prepared them) as the
+        parser's defaults; TRL passes the raw YAML, which is already in them."""
+        return super().set_defaults_with_config(**self._prepared)
+
+    def _read_recipe(self, args: list[str]) -> dict:
+        if self.mapping:
+            _check_keys(self.mapping, self.task, "the recipe mapping")
+        merged = dict(self.mapping)
+        if "--config" in args:
+            index = args.index("--config")
+            if index + 1 >= len(args):
+                raise RecipeError("--config needs a path to a recipe YAML file")
+            self.config_path = args[index + 1]
+            from_file = _load_yaml(self.config_path)
+            _check_keys(from_file, self.task, self.config_path)
+            merged.update(from_file)
+        return merged
+
+    def _prepare(self, merged: dict, args: list[str]) -> dict:
+        """This machine's defaults on the merged keys; the flags (``args``) are rewritten in place where a key
+        they set changes (DeepSpeed's precision)."""
+        from .deepspeed_precision import check_half_precision_has_a_gpu, deepspeed_half_mode, use_torch_autocast
+
+        note = use_torch_autocast(merged, args, _has_accelerator())
+        self.notes = (note,) if note else ()
+        check_half_precision_has_a_gpu(merged, args, _has_accelerator())
+        self.half_mode = deepspeed_half_mode(merged, args)
+        merged.update(cpu_launch_defaults(merged, args))
+        prefer_activation_checkpointing(merged, args)
+        return merged
+
+
+def make_parser(task: str, prog: str | None = None, mapping: dict | None = None):
+    """A :class:`RecipeParser` (TRL's ``TrlParser``) for ``task`` ('sft' or 'dpo')."""
+    return RecipeParser(task, prog=prog, mapping=mapping)
 
 
 def recipe_keys(task: str) -> set[str]:
@@ -261,53 +337,13 @@ def parse_recipe(task: str, argv: Sequence[str] | None = None, config: dict | No
     Raises:
         RecipeError: unknown keys or flags, refused keys, invalid values, a missing recipe file.
     """
-    args = list(argv or [])
-    merged: dict[str, Any] = dict(config or {})
-    config_path = None
-    if config:
-        _check_keys(merged, task, "the recipe mapping")
-    if "--config" in args:
-        index = args.index("--config")
-        if index + 1 >= len(args):
-            raise RecipeError("--config needs a path to a recipe YAML file")
-        config_path = args[index + 1]
-        del args[index : index + 2]
-        from_file = _load_yaml(config_path)
-        _check_keys(from_file, task, config_path)
-        merged.update(from_file)
-
-    parser = make_parser(task)
-    env = merged.pop("env", None) or {}
-    for key, value in env.items():
-        os.environ[str(key)] = str(value)
-    from .deepspeed_precision import check_half_precision_has_a_gpu, deepspeed_half_mode, use_torch_autocast
-
-    autocast_note = use_torch_autocast(merged, args, _has_accelerator())
-    check_half_precision_has_a_gpu(merged, args, _has_accelerator())
-    half_mode = deepspeed_half_mode(merged, args)
-    merged.update(cpu_launch_defaults(merged, args))
-    prefer_activation_checkpointing(merged, args)
-    if merged:
-        leftover = parser.set_defaults_with_config(**merged)
-        if leftover:  # unreachable after _check_keys, kept as TRL's own guard
-            raise _unknown_key_error(leftover[::2], task, config_path or "the recipe mapping")
-    try:
-        *parsed, remaining = parser.parse_args_into_dataclasses(
-            args=args, return_remaining_strings=True, look_for_args_file=False
-        )
-    except RecipeError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise RecipeError(f"invalid recipe for `boft-plugin {task}`: {err}") from err
-    if remaining:
-        flags = [item.lstrip("-").split("=")[0] for item in remaining if item.startswith("--")]
-        if flags:
-            raise _unknown_key_error(flags, task, "the command line")
-        raise RecipeError(f"unexpected command-line argument(s): {' '.join(remaining)}")
-    script, training, model, mixture, boft, options = parsed[:6]  # then a namespace holding --config (help only)
+    parser = make_parser(task, mapping=config)
+    script, training, model, mixture, boft, options = parser.parse_args_and_config(argv)
+    half_mode = parser.half_mode
     _check_model_keys(model)
     check_packed_codes_survive_half_mode(model, half_mode)
     _check_world_size(training)
     _check_report_to(training)
-    notes = (autocast_note,) if autocast_note else ()
-    return Recipe(task, script, training, model, mixture, boft, options, config_path=config_path, notes=notes)
+    return Recipe(
+        task, script, training, model, mixture, boft, options, config_path=parser.config_path, notes=parser.notes
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from boft_plugin.cli import main as cli_main
@@ -149,3 +151,26 @@ def test_help_lists_trl_and_boft_keys(capsys):
     out = capsys.readouterr().out
     assert "--beta" in out and "--boft_n_butterfly_factor" in out and "--init_adapter" in out
     assert cli_main(["nonsense"]) == 2
+
+
+def test_recipes_are_parsed_by_trls_own_parse_args_and_config(tmp_path, data, monkeypatch):
+    """The recipe parser is a TrlParser whose YAML, env and flag handling is TRL's (only the checks are ours)."""
+    from trl import TrlParser
+
+    from boft_plugin.recipes.parsing import make_parser
+
+    calls = []
+    original = TrlParser.parse_args_and_config
+
+    def spy(self, *args, **kwargs):
+        calls.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrlParser, "parse_args_and_config", spy)
+    mapping = tiny_recipe("sft", tmp_path / "out", data, env={"BOFT_TEST_RECIPE_ENV": "from-yaml"})
+    path = write_recipe(tmp_path / "r.yaml", mapping)
+    monkeypatch.delenv("BOFT_TEST_RECIPE_ENV", raising=False)
+    recipe = parse_recipe("sft", ["--config", path, "--learning_rate", "0.5"])
+    assert calls == ["RecipeParser"] and isinstance(make_parser("sft"), TrlParser)
+    assert recipe.training.learning_rate == 0.5 and recipe.training.max_steps == mapping["max_steps"]
+    assert os.environ["BOFT_TEST_RECIPE_ENV"] == "from-yaml"  # the YAML's env, set by TRL
