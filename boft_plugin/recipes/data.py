@@ -16,7 +16,9 @@ Columns accepted, as TRL 1.16 reads them:
 - SFT: ``text`` (or ``dataset_text_field``), ``messages`` (conversational, needs a chat template),
   ``conversations`` (ShareGPT ``from``/``value``), ``prompt`` + ``completion`` (plain or conversational), or
   pre-tokenised ``input_ids``;
-- DPO: ``chosen`` + ``rejected``, with ``prompt`` (explicit) or without (TRL extracts the shared prefix).
+- DPO: ``chosen`` + ``rejected``, with ``prompt`` (explicit) or without (TRL extracts the shared prefix);
+- KTO: ``prompt`` + ``completion`` + ``label`` (unpaired: a boolean, desirable or not), or DPO's preference rows,
+  which TRL unpairs into one desirable and one undesirable row each.
 """
 
 from __future__ import annotations
@@ -231,6 +233,9 @@ def check_columns(dataset, task: str, where: str, text_field: str = "text") -> N
         expected = (
             f"'{text_field}' (dataset_text_field), 'messages', 'conversations', 'prompt'+'completion' or 'input_ids'"
         )
+    elif task == "kto":  # unpaired; paired preference rows are unpaired by TRL (one desirable, one undesirable)
+        options = [{"prompt", "completion", "label"}, {"chosen", "rejected"}]
+        expected = "'prompt'+'completion'+'label' (unpaired), or preference rows 'chosen'+'rejected' (TRL unpairs them)"
     else:
         options = [{"chosen", "rejected"}]
         expected = "'prompt'+'chosen'+'rejected' (or 'chosen'+'rejected' with the prompt as shared prefix)"
@@ -242,6 +247,30 @@ def check_columns(dataset, task: str, where: str, text_field: str = "text") -> N
         length = None
     if length == 0:
         raise RecipeError(f"{where}: the dataset is empty")
+    if task == "kto" and "label" in present and "completion" in present:
+        _check_kto_labels(dataset, where, length)
+    elif task == "kto":
+        import warnings
+
+        warnings.warn(
+            f"{where}: KTO on preference rows: TRL unpairs them in blocks (every chosen row of up to 1000 pairs, then "
+            "every rejected one) and KTO reads rows in order, so its batches hold one kind at a time; unpaired rows "
+            "with both kinds mixed train on both every step (docs/trl.md, KTO)",
+            stacklevel=2,
+        )
+
+
+def _check_kto_labels(dataset, where: str, length: int | None) -> None:
+    """KTO's ``label`` says whether a completion is desirable: true/false (or 0/1) on every row. TRL counts the
+    desirable rows with ``sum`` and makes a bool tensor per batch, so a string fails in its collator after the model
+    loaded, and 2 or -1 would count in the desirable/undesirable balance as that number."""
+    labels = dataset["label"] if length is not None else [next(iter(dataset))["label"]]
+    for index, label in enumerate(labels):
+        if not (isinstance(label, bool) or (isinstance(label, int) and label in (0, 1))):
+            raise RecipeError(
+                f"{where}: column 'label' row {index} is {label!r} ({type(label).__name__}); KTO needs true/false "
+                "(desirable or not) on every row"
+            )
 
 
 def is_conversational_dataset(dataset) -> bool:

@@ -151,6 +151,18 @@ def check_data_order(training, options, num_rows: int | None, task: str) -> None
     from ..errors import RecipeError
 
     strategy = getattr(training, "train_sampling_strategy", "random")
+    if task == "kto" and training.loss_type != "apo_zero_unpaired":  # TRL's KTOTrainer refuses these after loading
+        if strategy != "sequential":
+            raise RecipeError(
+                f"recipe key 'train_sampling_strategy': KTO's '{training.loss_type}' loss estimates its KL term from "
+                "each row's neighbour in a fixed-order batch, so TRL needs 'sequential' (KTO's default); got "
+                f"{strategy!r}"
+            )
+        if training.per_device_train_batch_size <= 1:
+            raise RecipeError(
+                f"recipe key 'per_device_train_batch_size': KTO's '{training.loss_type}' loss pairs each row with "
+                "another of its micro-batch for the KL term; use 2 or more (or loss_type: apo_zero_unpaired)"
+            )
     if strategy not in ("random", "sequential"):
         raise RecipeError(
             f"recipe key 'train_sampling_strategy': {strategy!r} makes the rows of a step depend on the number of "

@@ -1,8 +1,11 @@
-"""DPO's reference adapter: TRL's frozen ``ref`` copy of the trained ``default`` adapter, made exact for BOFT."""
+"""DPO's and KTO's reference adapter: TRL's frozen ``ref`` copy of the trained ``default`` adapter, made exact for
+BOFT."""
 
 from __future__ import annotations
 
 REFERENCE_ADAPTER = "ref"
+# the recipe tasks whose TRL trainer adds REFERENCE_ADAPTER to a PeftModel it is given (an init adapter)
+TASKS_WITH_REFERENCE_ADAPTER = ("dpo", "kto")
 
 
 def sync_reference_adapter(model, adapter: str = "default", reference: str = REFERENCE_ADAPTER) -> int:

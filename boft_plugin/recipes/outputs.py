@@ -105,7 +105,7 @@ def _series(history: list[dict], key: str) -> list[list[float]]:
 
 
 def summarize(task: str, trainer, files: dict[str, Any], extra: dict | None = None) -> dict:
-    """The run's summary (losses and DPO margins before/after, files written) from the Trainer's log history."""
+    """The run's summary (losses, DPO / KTO reward margins, files written) from the Trainer's log history."""
     history = list(trainer.state.log_history)
     evals = [entry for entry in history if "eval_loss" in entry]
     train_losses = _series(history, "loss")
@@ -123,9 +123,11 @@ def summarize(task: str, trainer, files: dict[str, Any], extra: dict | None = No
         "train_runtime": next((e["train_runtime"] for e in history if "train_runtime" in e), None),
         "files": {k: str(v) for k, v in files.items() if v is not None},
     }
-    if task == "dpo":
+    if task in ("dpo", "kto"):
         summary["train_margins"] = _series(history, "rewards/margins")
         summary["eval_margins"] = _series(history, "eval_rewards/margins")
+    if task == "kto":
+        summary["train_kl"] = _series(history, "kl")
     summary["log_history"] = history
     summary.update(extra or {})
     return summary

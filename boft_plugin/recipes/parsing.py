@@ -1,8 +1,8 @@
 """Recipe parsing: a YAML mapping plus command-line flags, through :class:`RecipeParser`, a ``TrlParser``.
 
-Every field of TRL's ``SFTConfig`` / ``DPOConfig`` (and so of ``transformers.TrainingArguments``), ``ModelConfig``,
-``ScriptArguments`` and ``DatasetMixtureConfig`` is a recipe key and a ``--flag`` exactly as in TRL's own
-``trl sft`` / ``trl dpo`` scripts, next to :class:`~boft_plugin.recipes.args.BoftArguments` and
+Every field of TRL's ``SFTConfig`` / ``DPOConfig`` / ``KTOConfig`` (and so of ``transformers.TrainingArguments``),
+``ModelConfig``, ``ScriptArguments`` and ``DatasetMixtureConfig`` is a recipe key and a ``--flag`` exactly as in
+TRL's own ``trl sft`` / ``trl dpo`` / ``trl kto`` scripts, next to :class:`~boft_plugin.recipes.args.BoftArguments` and
 :class:`~boft_plugin.recipes.args.RecipeOptions`. Flags override the YAML (``TrlParser`` turns the YAML into
 argparse defaults, in its own ``parse_args_and_config``, which :class:`RecipeParser` calls). Differences from
 TRL's scripts, on purpose:
@@ -30,7 +30,7 @@ from ..runtime.process_exit import launched_world_size
 from .args import BoftArguments, RecipeOptions
 from .quantisation import check_packed_codes_survive_half_mode
 
-TASKS = ("sft", "dpo")
+TASKS = ("sft", "dpo", "kto")
 
 # ModelConfig keys that select LoRA; a BOFT recipe refuses them when set to a non-default value.
 _REFUSED_MODEL_KEYS = {
@@ -53,7 +53,7 @@ class Recipe:
 
     task: str
     script: Any  # trl.ScriptArguments
-    training: Any  # trl.SFTConfig or trl.DPOConfig
+    training: Any  # trl.SFTConfig, trl.DPOConfig or trl.KTOConfig
     model: Any  # trl.ModelConfig
     mixture: Any  # trl.DatasetMixtureConfig
     boft: BoftArguments
@@ -63,11 +63,11 @@ class Recipe:
 
 
 def _dataclass_types(task: str) -> tuple[type, ...]:
-    from trl import DatasetMixtureConfig, DPOConfig, ModelConfig, ScriptArguments, SFTConfig
+    from trl import DatasetMixtureConfig, DPOConfig, KTOConfig, ModelConfig, ScriptArguments, SFTConfig
 
     if task not in TASKS:
         raise RecipeError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    training = SFTConfig if task == "sft" else DPOConfig
+    training = {"sft": SFTConfig, "dpo": DPOConfig, "kto": KTOConfig}[task]
     return (ScriptArguments, training, ModelConfig, DatasetMixtureConfig, BoftArguments, RecipeOptions)
 
 
@@ -163,7 +163,7 @@ class RecipeParser(TrlParser):
 
 
 def make_parser(task: str, prog: str | None = None, mapping: dict | None = None):
-    """A :class:`RecipeParser` (TRL's ``TrlParser``) for ``task`` ('sft' or 'dpo')."""
+    """A :class:`RecipeParser` (TRL's ``TrlParser``) for ``task`` (one of :data:`TASKS`)."""
     return RecipeParser(task, prog=prog, mapping=mapping)
 
 
@@ -174,13 +174,14 @@ def recipe_keys(task: str) -> set[str]:
 
 def _unknown_key_error(keys: Sequence[str], task: str, where: str) -> RecipeError:
     known = recipe_keys(task)
-    other = "dpo" if task == "sft" else "sft"
-    other_keys = recipe_keys(other) - known
+    others = {other: recipe_keys(other) - known for other in TASKS if other != task}
     lines = []
     for key in keys:
         line = f"'{key}'"
-        if key in other_keys:
-            line += f" (a {other.upper()} key: run `boft-plugin {other}`)"
+        owners = [other for other, other_keys in others.items() if key in other_keys]
+        if owners:
+            tasks = " / ".join(other.upper() for other in owners)
+            line += f" (a {tasks} key: run `boft-plugin {' | '.join(owners)}`)"
         else:
             close = difflib.get_close_matches(key.replace("-", "_"), sorted(known), n=3)
             if close:
@@ -329,7 +330,7 @@ def parse_recipe(task: str, argv: Sequence[str] | None = None, config: dict | No
     """Parse ``--config recipe.yaml`` and flags (``argv``) into a :class:`Recipe`; nothing is loaded.
 
     Args:
-        task: 'sft' or 'dpo'.
+        task: one of :data:`TASKS` ('sft', 'dpo', 'kto').
         argv: command-line arguments after the subcommand (may hold ``--config PATH``).
         config: a recipe mapping given in Python instead of a YAML file (keys as in the YAML); flags in
             ``argv`` override it too.

@@ -96,8 +96,8 @@ def locked_output_dir(training) -> Iterator[None]:
 
 
 def make_trainer(plan: RunPlan, built: Built):
-    """boft-plugin's TRL ``SFTTrainer`` / ``DPOTrainer`` for ``built`` (see :func:`.builder.build`)."""
-    from .trainers import BoftDPOTrainer, BoftSFTTrainer
+    """boft-plugin's TRL ``SFTTrainer`` / ``DPOTrainer`` / ``KTOTrainer`` for ``built`` (see :func:`.builder.build`)."""
+    from .trainers import BoftDPOTrainer, BoftKTOTrainer, BoftSFTTrainer
 
     recipe = plan.recipe
     common = dict(
@@ -113,6 +113,8 @@ def make_trainer(plan: RunPlan, built: Built):
     )
     if recipe.task == "sft":
         return BoftSFTTrainer(**common)
+    if recipe.task == "kto":
+        return BoftKTOTrainer(**common)
     trainer = BoftDPOTrainer(**common)
     if recipe.script.ignore_bias_buffers:  # as TRL's dpo.py
         import torch

@@ -1,7 +1,8 @@
-"""TRL's SFT and DPO trainers with boft-plugin's behaviour added through a mixin and callbacks.
+"""TRL's SFT, DPO and KTO trainers with boft-plugin's behaviour added through a mixin and callbacks.
 
 No Trainer method is replaced on an instance; the one place that steps into a TRL call is
-:func:`_keep_existing_reference`, which, for the length of ``DPOTrainer.__init__`` only, makes the model's
+:func:`_keep_existing_reference`, which, for the length of ``DPOTrainer.__init__`` / ``KTOTrainer.__init__`` only,
+makes the model's
 ``add_adapter`` skip TRL's own ``ref`` adapter when the engine already added it (FSDP2 cannot manage an adapter added
 after sharding).
 
@@ -25,7 +26,7 @@ import contextlib
 import uuid
 from pathlib import Path
 
-from trl import DPOTrainer, SFTTrainer
+from trl import DPOTrainer, KTOTrainer, SFTTrainer
 
 from ..distributed.engine import Engine, float32_adapters
 from ..distributed.fsdp2.shard import is_fsdp2_sharded, store_block_major
@@ -43,7 +44,7 @@ from .checkpoints.resume import ResumePlan, agreed_resume_plan, carry_out
 from .data_order import WorldSizeInvariantDataMixin
 from .dpo_reference import REFERENCE_ADAPTER
 
-__all__ = ["BoftDPOTrainer", "BoftSFTTrainer", "BoftTrainerMixin"]
+__all__ = ["BoftDPOTrainer", "BoftKTOTrainer", "BoftSFTTrainer", "BoftTrainerMixin"]
 
 
 class BoftTrainerMixin:
@@ -173,13 +174,15 @@ class BoftSFTTrainer(BoftTrainerMixin, WorldSizeInvariantDataMixin, SFTTrainer):
     """TRL's ``SFTTrainer`` with :class:`BoftTrainerMixin` and a world-size-invariant data order."""
 
 
-class BoftDPOTrainer(BoftTrainerMixin, WorldSizeInvariantDataMixin, DPOTrainer):
-    """TRL's ``DPOTrainer`` with :class:`BoftTrainerMixin` and an exact BOFT reference adapter.
+class _ExactReferenceAdapter:
+    """For TRL's trainers with a reference model (DPO, KTO): an exact BOFT ``ref`` adapter.
 
-    The ``ref`` adapter TRL adds is synced by ``callbacks.SyncReferenceAdapter``. Under FSDP2 pre-sharding the
+    Given a ``PeftModel`` (an init adapter), TRL adds a ``ref`` copy of it, synced by
+    ``callbacks.SyncReferenceAdapter`` (TRL copies only ``*.default.*`` parameters). Under FSDP2 pre-sharding the
     builder has added (and synced) ``ref`` before sharding, since FSDP2 cannot manage an adapter added later; TRL's
     constructor adds ``ref`` unconditionally, so for that one call the existing adapter is kept. This is the only
-    place where boft-plugin steps into a TRL call.
+    place where boft-plugin steps into a TRL call. A fresh adapter's reference is the adapter-disabled base (TRL's
+    own ``use_adapter(model, None)``): no second model.
     """
 
     def __init__(self, *args, callbacks=None, **kwargs):
@@ -187,7 +190,24 @@ class BoftDPOTrainer(BoftTrainerMixin, WorldSizeInvariantDataMixin, DPOTrainer):
         model = kwargs.get("model", args[0] if args else None)
         with _keep_existing_reference(model):
             super().__init__(*args, callbacks=callbacks, **kwargs)
+        # ZeRO-3: the reference pass of a step runs before its policy forward (see BoftDPOTrainer._compute_loss)
         self.boft_reference_first = self.boft_engine.name == "zero3"
+
+    @contextlib.contextmanager
+    def _reference_in_inputs(self):
+        """TRL's switch for "the reference log-probs are in the inputs", on for one loss computation."""
+        self.precompute_ref_logps = True
+        try:
+            yield
+        finally:
+            self.precompute_ref_logps = False
+
+    def _reference_first(self, inputs) -> bool:
+        return self.boft_reference_first and not self.precompute_ref_logps
+
+
+class BoftDPOTrainer(_ExactReferenceAdapter, BoftTrainerMixin, WorldSizeInvariantDataMixin, DPOTrainer):
+    """TRL's ``DPOTrainer`` with :class:`BoftTrainerMixin` and an exact BOFT reference adapter."""
 
     def _compute_loss(self, model, inputs, return_outputs):
         """Under ZeRO-3, the reference log-probs of a step are computed before its policy forward, not after it.
@@ -198,15 +218,30 @@ class BoftDPOTrainer(BoftTrainerMixin, WorldSizeInvariantDataMixin, DPOTrainer):
         released in backward and the whole model ends up gathered on every rank (measured: +2.6 GiB per rank on a
         0.9B model). The reference values are the same either way (no grad, reference adapter, no dropout).
         """
-        if not self.boft_reference_first or self.precompute_ref_logps or "ref_chosen_logps" in inputs:
+        if not self._reference_first(inputs) or "ref_chosen_logps" in inputs:
             return super()._compute_loss(model, inputs, return_outputs)
         chosen, rejected = self.compute_ref_log_probs(model, inputs)
         inputs = dict(inputs, ref_chosen_logps=chosen, ref_rejected_logps=rejected)
-        self.precompute_ref_logps = True  # TRL's switch for "the reference log-probs are in the inputs"
-        try:
+        with self._reference_in_inputs():
             return super()._compute_loss(model, inputs, return_outputs)
-        finally:
-            self.precompute_ref_logps = False
+
+
+class BoftKTOTrainer(_ExactReferenceAdapter, BoftTrainerMixin, WorldSizeInvariantDataMixin, KTOTrainer):
+    """TRL's ``KTOTrainer`` with :class:`BoftTrainerMixin` and an exact BOFT reference adapter (as DPO).
+
+    The rows of a step do not depend on the number of ranks, but KTO's loss does: its KL baseline is the mean over
+    ranks of per-micro-batch estimates, and TRL pairs each completion with its neighbour's prompt within groups of
+    ``per_device_train_batch_size`` rows (docs/trl.md).
+    """
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        """Under ZeRO-3, the reference log-probs first, as :meth:`BoftDPOTrainer._compute_loss` explains."""
+        if not self._reference_first(inputs) or "ref_logps" in inputs:
+            return super()._compute_loss(model, inputs, return_outputs)
+        completion, kl = self.compute_ref_log_probs(model, inputs)
+        inputs = dict(inputs, ref_logps=completion, **({"ref_KL_logps": kl} if kl is not None else {}))
+        with self._reference_in_inputs():
+            return super()._compute_loss(model, inputs, return_outputs)
 
 
 def _engine_of_trainer(trainer) -> Engine:

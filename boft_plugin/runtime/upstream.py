@@ -112,6 +112,8 @@ OVERRIDDEN = (
     PrivateName("transformers.modeling_utils", "PreTrainedModel._init_weights", "distributed.fsdp2.loading: buffers"),
     PrivateName("trl", "DPOTrainer._compute_loss", "recipes.trainers: ZeRO-3 reference pass first"),
     PrivateName("trl", "DPOTrainer.compute_ref_log_probs", "recipes.trainers: ZeRO-3 reference pass first"),
+    PrivateName("trl", "KTOTrainer._compute_loss", "recipes.trainers: ZeRO-3 reference pass first"),
+    PrivateName("trl", "KTOTrainer.compute_ref_log_probs", "recipes.trainers: ZeRO-3 reference pass first"),
     PrivateName(
         "deepspeed.runtime.zero.partition_parameters", "Init._zero_init_param", "zero3_loading: partition only"
     ),

@@ -6,17 +6,18 @@ import os
 from pathlib import Path
 
 from ..runtime.atomic import write_jsonl
-from ..toy.tasks import preference_examples, sft_examples
+from ..toy.tasks import preference_examples, sft_examples, unpaired_preference_examples
 
 __all__ = ["tiny_recipe", "write_recipe", "write_tiny_data"]
 
 
-def write_tiny_data(directory: str | os.PathLike, n_sft: int = 64, n_dpo: int = 32) -> dict[str, Path]:
-    """Small SFT (plain prompt/completion) and preference files for quick runs; returns their paths."""
+def write_tiny_data(directory: str | os.PathLike, n_sft: int = 64, n_dpo: int = 32, n_kto: int = 32) -> dict[str, Path]:
+    """Small SFT (plain prompt/completion), preference (DPO) and unpaired (KTO) files for quick runs; their paths."""
     directory = Path(directory)
     return {
         "sft": write_jsonl(sft_examples(n_sft, seed=0, fmt="prompt_completion"), directory / "sft.jsonl"),
         "dpo": write_jsonl(preference_examples(n_dpo, seed=1, conversational=False), directory / "dpo.jsonl"),
+        "kto": write_jsonl(unpaired_preference_examples(n_kto, seed=3), directory / "kto.jsonl"),
     }
 
 

@@ -84,7 +84,7 @@ class _Cases:
         untouched = "output_dir not created" if not before else "output_dir files unchanged"
         return Outcome(str(code), message, f"{untouched}; nothing loaded")
 
-    # -- recipes (boft-plugin sft / dpo) ---------------------------------------------------------------------------
+    # -- recipes (boft-plugin sft / dpo / kto) ------------------------------------------------------------------------
     def recipe_case(self, name: str, overrides: dict) -> Outcome:
         return self._refused_recipe(name, **overrides)
 
@@ -100,6 +100,15 @@ class _Cases:
 
     def wrong_columns(self):
         return self._refused_recipe("columns", task="dpo", dataset_name=str(self.data["sft"]), boft_block_size=4)
+
+    def kto_string_labels(self):
+        bad = self.work / "kto_labels.jsonl"
+        rows = [{"prompt": "reverse ab=", "completion": "ba", "label": "good"}] * 8
+        bad.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return self._refused_recipe("kto_labels", task="kto", dataset_name=str(bad), tiny_model=True)
+
+    def kto_random_sampling(self):
+        return self._refused_recipe("kto_random", task="kto", tiny_model=True, train_sampling_strategy="random")
 
     def foreign_output_dir(self):
         _, out = self._recipe("foreign")
@@ -357,6 +366,8 @@ CASES = {
     "missing dataset file": "missing_data_file",
     "malformed JSONL line": "malformed_jsonl",
     "SFT data given to DPO": "wrong_columns",
+    "KTO labels that are not booleans": "kto_string_labels",
+    "KTO with random sampling (its KL term needs the sequential order)": "kto_random_sampling",
     "output_dir holding another run's adapter": "foreign_output_dir",
     "report_to an integration that is not installed": "report_to_missing",
     "hub dataset, hub unreachable": "hub_unreachable",

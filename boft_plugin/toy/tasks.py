@@ -4,7 +4,9 @@
   of :func:`boft_plugin.toy.models.char_tokenizer` (a stand-in for a pretrained checkpoint);
 - SFT (:func:`sft_examples`): *reverse* the string; the base model copies, so BOFT has something to learn;
 - DPO (:func:`preference_examples`): the reversed string (chosen) over the copied one (rejected), the base
-  model's habit.
+  model's habit;
+- KTO (:func:`unpaired_preference_examples`): the same pairs unpaired, the reversed string desirable and the copy
+  undesirable (TRL's ``prompt`` / ``completion`` / ``label`` rows).
 
 Rows come as ``messages`` (conversational), ``prompt``/``completion`` or ``text`` for SFT, and conversational or
 plain ``prompt``/``chosen``/``rejected`` for DPO.
@@ -65,6 +67,29 @@ def preference_examples(n: int, seed: int = 1, conversational: bool = True) -> l
         else:
             rows.append({"prompt": f"{prompt}=", "chosen": chosen, "rejected": rejected})
     return rows
+
+
+def unpair_mixed(pairs: list[dict]) -> list[dict]:
+    """KTO rows (``prompt`` / ``completion`` / ``label``) from preference pairs, desirable and undesirable rows
+    alternating and no two neighbours sharing a prompt.
+
+    KTO reads its rows in order and estimates its KL term from each row's neighbour (a mismatched prompt and
+    completion), so the order matters: pair i gives its chosen row in the first half when i is even and its rejected
+    row otherwise, and the other row in the second half. (TRL's own ``unpair_preference_dataset`` puts every chosen
+    row of a block of 1000 pairs before every rejected one.)
+    """
+    first, second = [], []
+    for index, pair in enumerate(pairs):
+        chosen = {"prompt": pair["prompt"], "completion": pair["chosen"], "label": True}
+        rejected = {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False}
+        first.append(chosen if index % 2 == 0 else rejected)
+        second.append(rejected if index % 2 == 0 else chosen)
+    return first + second
+
+
+def unpaired_preference_examples(n: int, seed: int = 3, conversational: bool = False) -> list[dict]:
+    """``n`` KTO rows from ``n // 2`` (rounded up) preference pairs, ordered by :func:`unpair_mixed`."""
+    return unpair_mixed(preference_examples((n + 1) // 2, seed=seed, conversational=conversational))[:n]
 
 
 def pretraining_texts(n: int, seed: int = 2) -> list[str]:
