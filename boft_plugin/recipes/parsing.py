@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -103,8 +104,9 @@ class RecipeParser(TrlParser):
         self.usage = f"boft-plugin {task} --config RECIPE.yaml [--key value ...]   (every key below, YAML or flag)"
 
     def parse_args_and_config(self, args=None, **_ignored):
-        """``(script, training, model, mixture, boft, options)`` for ``args`` (flags, maybe ``--config PATH``)."""
-        args = list(args or [])
+        """``(script, training, model, mixture, boft, options)`` for ``args`` (flags, maybe ``--config PATH``;
+        ``sys.argv[1:]`` when None, as TRL's)."""
+        args = list(sys.argv[1:] if args is None else args)
         merged = self._read_recipe(args)
         env = merged.pop("env", None) or {}
         for key, value in env.items():  # the mapping's env (TRL sets the YAML's again, to the same values)
@@ -339,7 +341,7 @@ def parse_recipe(task: str, argv: Sequence[str] | None = None, config: dict | No
         RecipeError: unknown keys or flags, refused keys, invalid values, a missing recipe file.
     """
     parser = make_parser(task, mapping=config)
-    script, training, model, mixture, boft, options = parser.parse_args_and_config(argv)
+    script, training, model, mixture, boft, options = parser.parse_args_and_config(list(argv or []))
     half_mode = parser.half_mode
     _check_model_keys(model)
     check_packed_codes_survive_half_mode(model, half_mode)
