@@ -3,6 +3,7 @@
     python benchmarks/bench_memory.py                       # ~0.9B fp32 Llama, ZeRO-3 and FSDP2, W = 1 2 4, SFT
     python benchmarks/bench_memory.py --size small --worlds 1 2     # a quick look (~56M parameters)
     python benchmarks/bench_memory.py --task dpo --worlds 2
+    python benchmarks/bench_memory.py --task kto --worlds 2         # 2 rows per micro-batch (KTO's KL term)
     python benchmarks/bench_memory.py --size smollm2 --engines single ddp --worlds 1 2 --quant none 4bit 8bit
     python benchmarks/bench_memory.py --size smollm2 --engines zero3 fsdp2 --worlds 2 --quant 4bit
 
@@ -133,7 +134,7 @@ def write_recipe(
 
     from boft_plugin.testing.recipes import write_tiny_data
 
-    data = write_tiny_data(out.parent / "data", n_sft=64, n_dpo=64)
+    data = write_tiny_data(out.parent / "data", n_sft=64, n_dpo=64, n_kto=64)
     recipe = {
         "model_name_or_path": str(base),
         "output_dir": str(out),
@@ -158,8 +159,11 @@ def write_recipe(
         "data_order_tail": "pad",
         "disable_tqdm": True,
     }
-    if task == "dpo":
+    if task in ("dpo", "kto"):
         recipe["beta"] = 0.1
+    if task == "kto":  # KTO's KL term pairs rows within a micro-batch: at least 2 rows each
+        recipe["per_device_train_batch_size"] = 2
+        recipe["gradient_accumulation_steps"] = max(1, accumulation // 2)
     recipe.update(QUANT_KEYS[quant])
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -252,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", nargs="+", default=["zero3", "fsdp2"], choices=["zero3", "fsdp2", "single", "ddp"])
     parser.add_argument("--quant", nargs="+", default=["none"], choices=sorted(QUANT_KEYS))
     parser.add_argument("--worlds", nargs="+", type=int, default=[1, 2, 4])
-    parser.add_argument("--task", choices=["sft", "dpo"], default="sft")
+    parser.add_argument("--task", choices=["sft", "dpo", "kto"], default="sft")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path("outputs/bench_memory"))
     parser.add_argument("--timeout", type=float, default=3000)
