@@ -62,6 +62,30 @@ def test_cli_kto_continues_an_sft_adapter_alike_in_one_process_and_under_zero3(t
     check_verified(single_out, zero3_out)
 
 
+def test_kto_resumed_from_a_checkpoint_ends_with_the_same_adapter(tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    data = write_tiny_data(tmp_path / "data")
+    out = tmp_path / "kto"
+    mapping = tiny_recipe(
+        "kto", out, data, tiny_model=True, save_strategy="steps", save_steps=3, resume_from_checkpoint="auto"
+    )
+    recipe = write_recipe(tmp_path / "kto.yaml", mapping)
+    cmd = [str(Path(sys.executable).with_name("boft-plugin")), "kto", "--config", recipe]
+    launch(cmd, timeout=300, env=cpu_env(), cwd=str(REPO)).check("kto")
+    trained, first = load_file(out / "adapter_model.safetensors"), summary(out)
+
+    shutil.rmtree(out / "checkpoint-6")  # as if the run had died after step 3
+    resumed = launch(cmd, timeout=300, env=cpu_env(), cwd=str(REPO)).check("kto, resumed")
+    assert f"resuming from {out / 'checkpoint-3'}" in resumed.output
+    again = load_file(out / "adapter_model.safetensors")
+    assert again.keys() == trained.keys() and all(torch.equal(again[k], trained[k]) for k in trained)
+    assert summary(out)["train_loss"][-1] == first["train_loss"][-1]
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
