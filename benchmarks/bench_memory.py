@@ -163,11 +163,16 @@ def write_recipe(
         recipe["beta"] = 0.1
     if task == "kto":  # KTO's KL term pairs rows within a micro-batch: at least 2 rows each
         recipe["per_device_train_batch_size"] = 2
-        recipe["gradient_accumulation_steps"] = max(1, accumulation // 2)
+        recipe["gradient_accumulation_steps"] = kto_accumulation(accumulation)
     recipe.update(QUANT_KEYS[quant])
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def kto_accumulation(accumulation: int) -> int:
+    """Accumulation steps of a KTO run (2 rows per micro-batch) for ``accumulation`` steps of one row."""
+    return max(1, accumulation // 2)
 
 
 def run(
@@ -280,8 +285,12 @@ def main(argv: list[str] | None = None) -> int:
                 row["model_gib"] = sizes[quant]
                 add_comparisons(row, rows)
                 rows.append(row)
+    batch_text = str(global_batch)
+    if args.task == "kto":  # 2 rows per micro-batch
+        kto_batches = sorted({2 * w * kto_accumulation(global_batch // w) for w in args.worlds})
+        batch_text = " / ".join(map(str, kto_batches)) + " (KTO: 2 rows per micro-batch)"
     print(
-        f"{args.task.upper()}, {args.size} checkpoint ({model_gib:.2f} GiB fp32), global batch {global_batch}, "
+        f"{args.task.upper()}, {args.size} checkpoint ({model_gib:.2f} GiB fp32), global batch {batch_text}, "
         f"{args.steps} steps; peak RssAnon per rank in GiB; exports vs the same engine on 1 rank (max |diff| / max):"
     )
     print(table(rows, model_gib))
