@@ -247,25 +247,33 @@ def check_columns(dataset, task: str, where: str, text_field: str = "text") -> N
         length = None
     if length == 0:
         raise RecipeError(f"{where}: the dataset is empty")
-    if task == "kto" and "label" in present and "completion" in present:
-        _check_kto_labels(dataset, where, length)
-    elif task == "kto":
+    if task == "kto" and {"chosen", "rejected"} <= present:
         import warnings
 
         warnings.warn(
             f"{where}: KTO on preference rows: TRL unpairs them in blocks (every chosen row of up to 1000 pairs, then "
             "every rejected one) and KTO reads rows in order, so its batches hold one kind at a time; unpaired rows "
-            "with both kinds mixed train on both every step (docs/trl.md, KTO)",
+            "with both kinds mixed train on both every step (docs/trl.md, KTO); a 'label' column beside them is "
+            "ignored",
             stacklevel=2,
         )
+    elif task == "kto":
+        _check_kto_labels(dataset, where, length)
 
 
 def _check_kto_labels(dataset, where: str, length: int | None) -> None:
-    """KTO's ``label`` says whether a completion is desirable: true/false (or 0/1) on every row. TRL counts the
-    desirable rows with ``sum`` and makes a bool tensor per batch, so a string fails in its collator after the model
-    loaded, and 2 or -1 would count in the desirable/undesirable balance as that number."""
-    labels = dataset["label"] if length is not None else [next(iter(dataset))["label"]]
+    """KTO's ``label`` says whether a completion is desirable: true/false (or 0/1) on every row (the first row of a
+    streaming dataset). TRL counts the desirable rows with ``sum`` and makes a bool tensor per batch, so a string
+    fails in its collator after the model loaded, and 2 or -1 would count in the desirable/undesirable balance as
+    that number."""
+    if length is not None:
+        labels = dataset["label"]
+    else:
+        first = next(iter(dataset), None)
+        labels = [] if first is None else [first["label"]]
     for index, label in enumerate(labels):
+        if hasattr(label, "item") and getattr(label, "ndim", 0) == 0:  # a numpy / torch formatted dataset
+            label = label.item()
         if not (isinstance(label, bool) or (isinstance(label, int) and label in (0, 1))):
             raise RecipeError(
                 f"{where}: column 'label' row {index} is {label!r} ({type(label).__name__}); KTO needs true/false "

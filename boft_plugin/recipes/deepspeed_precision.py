@@ -146,15 +146,20 @@ def use_torch_autocast(merged: dict[str, Any], args: list[str], has_accelerator:
     )
 
 
-def deepspeed_half_mode(merged: dict[str, Any], args: Sequence[str]) -> str | None:
-    """``'bfloat16'`` / ``'float16'`` when the DeepSpeed config enables DeepSpeed's own half-precision mode (which
-    casts every float parameter to that dtype), else None; call after :func:`use_torch_autocast`."""
+def deepspeed_half_mode(merged: dict[str, Any], args: Sequence[str], has_accelerator: bool) -> str | None:
+    """``'bfloat16'`` / ``'float16'`` when DeepSpeed will run its own half-precision mode (which casts every float
+    parameter to that dtype), else None; call after :func:`use_torch_autocast`.
+
+    On when the config enables it, or leaves it ``auto`` and the recipe asks for that precision (transformers fills
+    ``auto`` from the Trainer's ``bf16`` / ``fp16``); a missing section is off (DeepSpeed's default)."""
     config, _ = _deepspeed_config(merged, args)
     if config is None:
         return None
+    fp16 = _flag(args, "fp16")
+    wanted = {"bf16": _wants_bf16(merged, args, has_accelerator), "fp16": fp16[1] if fp16 else bool(merged.get("fp16"))}
     for section, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
-        enabled = (config.get(section) or {}).get("enabled", "auto")
-        if enabled is True or str(enabled).lower() == "true":
+        enabled = str((config.get(section) or {}).get("enabled", False)).lower()
+        if enabled == "true" or (enabled == "auto" and wanted[section]):
             return dtype
     return None
 

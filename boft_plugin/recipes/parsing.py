@@ -90,6 +90,7 @@ class RecipeParser(TrlParser):
         self.config_path: str | None = None
         self.notes: tuple[str, ...] = ()
         self._prepared: dict[str, Any] = {}
+        self._env_prepared: dict[str, str] = {}
         self.half_mode: str | None = None  # DeepSpeed's own half-precision dtype, when its config enables it
         for action in self._actions:
             if action.dest in _REFUSED_MODEL_KEYS:
@@ -109,9 +110,13 @@ class RecipeParser(TrlParser):
         args = list(sys.argv[1:] if args is None else args)
         merged = self._read_recipe(args)
         env = merged.pop("env", None) or {}
-        for key, value in env.items():  # the mapping's env (TRL sets the YAML's again, to the same values)
+        for key, value in env.items():  # the mapping's env (TRL sets the YAML's again)
             os.environ[str(key)] = str(value)
+        before = dict(os.environ)
         self._prepared = self._prepare(merged, args)
+        # what preparing changed in the environment (the DeepSpeed config accelerate reads): TRL then sets the YAML's
+        # env again, so set_defaults_with_config, which TRL calls after that, puts these back
+        self._env_prepared = {k: v for k, v in os.environ.items() if before.get(k) != v}
         if self.config_path is None:  # TRL applies the defaults only when it reads a --config file
             self.set_defaults_with_config()
         try:
@@ -133,8 +138,16 @@ class RecipeParser(TrlParser):
 
     def set_defaults_with_config(self, **_yaml) -> list[str]:
         """The prepared keys (the mapping and the YAML, as :meth:`parse_args_and_config` prepared them) as the
-        parser's defaults; TRL passes the raw YAML, which is already in them."""
+        parser's defaults; TRL passes the raw YAML, which is already in them. The environment preparing changed is
+        set again (TRL has just set the YAML's ``env``)."""
+        os.environ.update(self._env_prepared)
         return super().set_defaults_with_config(**self._prepared)
+
+    def parse_args_into_dataclasses(self, *args, **kwargs):
+        """As transformers', but never reading a ``<script>.args`` file beside the program (TRL's call would): a
+        recipe is its YAML and its flags only."""
+        kwargs["look_for_args_file"] = False
+        return super().parse_args_into_dataclasses(*args, **kwargs)
 
     def _read_recipe(self, args: list[str]) -> dict:
         if self.mapping:
@@ -158,7 +171,7 @@ class RecipeParser(TrlParser):
         note = use_torch_autocast(merged, args, _has_accelerator())
         self.notes = (note,) if note else ()
         check_half_precision_has_a_gpu(merged, args, _has_accelerator())
-        self.half_mode = deepspeed_half_mode(merged, args)
+        self.half_mode = deepspeed_half_mode(merged, args, _has_accelerator())
         merged.update(cpu_launch_defaults(merged, args))
         prefer_activation_checkpointing(merged, args)
         return merged

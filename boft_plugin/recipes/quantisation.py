@@ -21,8 +21,9 @@ __all__ = [
     "quantisation_config",
 ]
 
-# Engines a quantised base is tested under. ZeRO-3 partitions the quantised weights as the engine starts (4-bit and
-# 8-bit); FSDP2 (``fsdp2_pre_shard``) shards 4-bit codes stored in a float dtype (``bnb_4bit_quant_storage``).
+# Engines a quantised base runs under (docs/quantised.md says which combination is tested and which was probed).
+# ZeRO-3 partitions the quantised weights as the engine starts; FSDP2 (``fsdp2_pre_shard``) shards 4-bit codes
+# stored in a float dtype (``bnb_4bit_quant_storage``).
 # accelerate's FSDP plugin and 8-bit weights under FSDP2 are not tested with packed weights: refused up front rather
 # than failing (or replicating) half-way.
 QUANTISED_ENGINES = ("single", "ddp", "zero2", "zero3", "fsdp2")

@@ -87,10 +87,58 @@ def test_deepspeed_half_precision_modes_are_refused_without_a_gpu(accelerate_dee
 def test_deepspeed_half_mode_is_read_from_the_config_the_trainer_gets():
     from boft_plugin.recipes.deepspeed_precision import deepspeed_half_mode
 
-    assert deepspeed_half_mode({}, []) is None  # no DeepSpeed
-    assert deepspeed_half_mode({"deepspeed": {"bf16": {"enabled": True}}}, []) == "bfloat16"
-    assert deepspeed_half_mode({"deepspeed": {"fp16": {"enabled": "true"}}}, []) == "float16"
-    assert deepspeed_half_mode({"deepspeed": {"bf16": {"enabled": "auto"}}}, []) is None
+    assert deepspeed_half_mode({}, [], True) is None  # no DeepSpeed
+    assert deepspeed_half_mode({"deepspeed": {"bf16": {"enabled": True}}, "bf16": False}, [], True) == "bfloat16"
+    assert deepspeed_half_mode({"deepspeed": {"fp16": {"enabled": "true"}}, "bf16": False}, [], True) == "float16"
+    assert deepspeed_half_mode({"deepspeed": {}, "bf16": True}, [], True) is None  # no section: DeepSpeed's off
+    # "auto" is filled from the recipe's own precision by transformers
+    auto = {"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "torch_autocast": {"enabled": True}}
+    assert deepspeed_half_mode({"deepspeed": auto, "bf16": True}, [], True) == "bfloat16"
+    assert deepspeed_half_mode({"deepspeed": auto, "bf16": False, "fp16": True}, [], True) == "float16"
+    assert deepspeed_half_mode({"deepspeed": auto}, ["--bf16", "false"], True) is None
     merged: dict = {"deepspeed": {"bf16": {"enabled": "auto"}}, "bf16": True}
     assert use_torch_autocast(merged, [], has_accelerator=True)  # rewritten to torch_autocast: nothing is cast
-    assert deepspeed_half_mode(merged, []) is None
+    assert deepspeed_half_mode(merged, [], True) is None
+
+
+def test_the_autocast_copy_survives_trl_setting_the_yamls_env_again(tmp_path, monkeypatch):
+    """TRL's parse_args_and_config sets the YAML's env after our preparation: when it parses the flags, the
+    DeepSpeed config accelerate will read must still be the private torch_autocast copy, not the YAML's file."""
+    from boft_plugin.recipes.parsing import RecipeParser
+    from boft_plugin.testing.recipes import tiny_recipe, write_recipe, write_tiny_data
+
+    class Seen(Exception):
+        pass
+
+    def stop(self, *args, **kwargs):  # the moment TRL parses the flags (a process group would be needed after)
+        raise Seen(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"])
+
+    monkeypatch.setattr(RecipeParser, "parse_args_into_dataclasses", stop)
+    # recorded, so that what the recipe's env sets is undone after the test
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ZERO3)}
+    data = write_tiny_data(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe("sft", tmp_path / "out", data, bf16=True, env=env))
+    parser = RecipeParser("sft")
+    with pytest.raises(Seen) as seen:
+        parser.parse_args_and_config(["--config", recipe])
+    copy = str(seen.value)
+    assert copy != str(ZERO3) and json.loads(Path(copy).read_text())["torch_autocast"]["enabled"] is True
+    assert any("torch_autocast" in note for note in parser.notes)
+
+
+def test_no_args_file_beside_the_program_is_read(tmp_path, monkeypatch):
+    """transformers' parser reads ``<program>.args`` when asked to; TRL's parse asks. A recipe never does."""
+    import sys
+
+    from boft_plugin.recipes import parse_recipe
+    from boft_plugin.testing.recipes import tiny_recipe, write_recipe, write_tiny_data
+
+    data = write_tiny_data(tmp_path / "data")
+    program = tmp_path / "prog.py"
+    program.write_text("")
+    (tmp_path / "prog.args").write_text("--learning_rate 0.5\n")
+    monkeypatch.setattr(sys, "argv", [str(program)])
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe("sft", tmp_path / "out", data))
+    assert parse_recipe("sft", ["--config", recipe]).training.learning_rate == 1.0e-2

@@ -173,4 +173,4 @@ def test_recipes_are_parsed_by_trls_own_parse_args_and_config(tmp_path, data, mo
     recipe = parse_recipe("sft", ["--config", path, "--learning_rate", "0.5"])
     assert calls == ["RecipeParser"] and isinstance(make_parser("sft"), TrlParser)
     assert recipe.training.learning_rate == 0.5 and recipe.training.max_steps == mapping["max_steps"]
-    assert os.environ["BOFT_TEST_RECIPE_ENV"] == "from-yaml"  # the YAML's env, set by TRL
+    assert os.environ["BOFT_TEST_RECIPE_ENV"] == "from-yaml"  # the YAML's env

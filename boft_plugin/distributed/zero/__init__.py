@@ -65,10 +65,15 @@ class ZeroEngine(Engine):
         return model.eval()  # as from_pretrained returns it
 
     def _load_quantised_for_zero3(self, spec: BaseModelSpec):
+        import torch
+        from deepspeed.accelerator import get_accelerator
+
         from .quantised import load_quantised_whole
 
         self._quantised = True
+        self.device()  # this rank's accelerator as the current device: bitsandbytes quantises onto it
         model = load_quantised_whole(spec)
+        check_placement(model, torch.device(get_accelerator().current_device_name()))
         self._log(f"ZeRO-3: {spec.path} loaded quantised on this rank; DeepSpeed partitions it as the engine starts")
         return model
 

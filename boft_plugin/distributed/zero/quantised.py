@@ -2,8 +2,9 @@
 
 transformers does not build a quantised model under ``zero.Init`` (and refuses a ``device_map`` under ZeRO-3), so
 each rank first holds the whole quantised base on its current device; DeepSpeed then partitions every parameter
-when the Trainer prepares the engine, the packed 4-bit codes included (a float ``bnb_4bit_quant_storage``, as
-transformers' QLoRA-with-ZeRO-3 route needs). The quant state is a plain attribute of the weight, not a parameter,
+when the Trainer prepares the engine, the packed codes included (4-bit codes in bitsandbytes' uint8 or a float
+``bnb_4bit_quant_storage``, and 8-bit weights, were all partitioned in a probe; the suite tests 4-bit with bf16
+storage). The quant state is a plain attribute of the weight, not a parameter,
 so it stays whole on every rank and is still attached when DeepSpeed gathers the codes for a forward.
 :class:`ReportQuantisedPartition` says, once training starts, how many quantised layers this rank holds only a
 partition of.
@@ -20,8 +21,8 @@ _QUANTISED_WEIGHTS = ("Params4bit", "Int8Params")
 
 
 def load_quantised_whole(spec):
-    """``from_pretrained`` of a quantised base without ``device_map`` (bitsandbytes places it on this rank's
-    current device: ``cuda:LOCAL_RANK`` once the launcher set it, else the CPU)."""
+    """``from_pretrained`` of a quantised base without ``device_map`` (bitsandbytes places it on the current
+    device, which the engine sets to this rank's first: ``cuda:LOCAL_RANK``, or the CPU)."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {k: v for k, v in spec.from_pretrained_kwargs.items() if k != "device_map"}
