@@ -108,6 +108,10 @@ class RecipeParser(TrlParser):
         """``(script, training, model, mixture, boft, options)`` for ``args`` (flags, maybe ``--config PATH``;
         ``sys.argv[1:]`` when None, as TRL's)."""
         args = list(sys.argv[1:] if args is None else args)
+        for index, arg in enumerate(args):  # TRL looks for "--config" alone; "--config=PATH" would be dropped
+            if arg.startswith("--config="):
+                args[index : index + 1] = ["--config", arg.removeprefix("--config=")]
+                break
         merged = self._read_recipe(args)
         env = merged.pop("env", None) or {}
         for key, value in env.items():  # the mapping's env (TRL sets the YAML's again)

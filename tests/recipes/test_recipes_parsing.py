@@ -174,3 +174,10 @@ def test_recipes_are_parsed_by_trls_own_parse_args_and_config(tmp_path, data, mo
     assert calls == ["RecipeParser"] and isinstance(make_parser("sft"), TrlParser)
     assert recipe.training.learning_rate == 0.5 and recipe.training.max_steps == mapping["max_steps"]
     assert os.environ["BOFT_TEST_RECIPE_ENV"] == "from-yaml"  # the YAML's env
+
+
+def test_config_given_with_an_equals_sign_is_read(tmp_path, data):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe("sft", tmp_path / "out", data, max_steps=7))
+    recipe = parse_recipe("sft", [f"--config={path}"])
+    assert recipe.config_path == path and recipe.training.max_steps == 7
+    assert recipe.training.output_dir == str(tmp_path / "out")
