@@ -114,8 +114,15 @@ class Engine:
 
         kwargs = dict(spec.from_pretrained_kwargs)
         if kwargs.get("quantization_config") is not None:
-            kwargs.setdefault("device_map", {"": self.device()})
+            device_map = self.quantised_device_map()
+            if device_map is not None:
+                kwargs.setdefault("device_map", device_map)
         return AutoModelForCausalLM.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code, **kwargs)
+
+    def quantised_device_map(self) -> dict | None:
+        """Where ``from_pretrained`` puts a quantised base: this rank's device (None: no ``device_map``, so
+        bitsandbytes uses the current device)."""
+        return {"": self.device()}
 
     def adapt(self, model: nn.Module, request: AdapterRequest) -> tuple[nn.Module, Any]:
         """``(model, peft_config)``: a new adapter is left to the trainer (TRL wraps the model with the config); an

@@ -71,13 +71,18 @@ def describe_quantisation(config) -> str:
     return ", ".join(parts)
 
 
+def _storage_dtype(model_args) -> str:
+    """The packed 4-bit codes' storage dtype as a name (bitsandbytes' default: uint8)."""
+    return str(model_args.bnb_4bit_quant_storage or "uint8").removeprefix("torch.")
+
+
 def check_packed_codes_survive_half_mode(model_args, half_dtype: str | None) -> None:
     """Refuse a 4-bit base whose packed codes DeepSpeed's own half-precision mode would cast (``half_dtype``:
     ``deepspeed_precision.deepspeed_half_mode``): it casts every float parameter, and a float32 (say) storage dtype
     holds bit patterns, not numbers, so the cast destroys the weights without an error."""
     if half_dtype is None or not model_args.load_in_4bit:
         return
-    storage = str(model_args.bnb_4bit_quant_storage or "uint8").removeprefix("torch.")
+    storage = _storage_dtype(model_args)
     if storage in _FLOAT_STORAGE and storage != half_dtype:
         raise RecipeError(
             f"recipe key 'bnb_4bit_quant_storage': {storage!r} packed 4-bit codes would be cast to {half_dtype} by "
@@ -121,7 +126,7 @@ def check_quantisation(model_args, engine: str, fsdp2_pre_shard: bool = False) -
                 "recipe key 'load_in_8bit': FSDP2 shards 4-bit bases only (8-bit weights carry their scales on the "
                 "parameter, which FSDP2's sharded copy drops); use 'load_in_4bit: true', or launch under DDP"
             )
-        storage = str(model_args.bnb_4bit_quant_storage or "uint8").removeprefix("torch.")  # bitsandbytes' default
+        storage = _storage_dtype(model_args)
         if storage not in _FLOAT_STORAGE:
             raise RecipeError(
                 f"recipe key 'bnb_4bit_quant_storage': {storage!r} codes are not sharded by FSDP2 here; set it to "

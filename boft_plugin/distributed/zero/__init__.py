@@ -64,15 +64,20 @@ class ZeroEngine(Engine):
             model.generation_config = GenerationConfig.from_pretrained(spec.path)
         return model.eval()  # as from_pretrained returns it
 
+    def quantised_device_map(self) -> dict | None:
+        """None under ZeRO-3 (transformers refuses a ``device_map`` there): bitsandbytes quantises onto the current
+        device, set here to this rank's."""
+        if self.stage != 3:
+            return super().quantised_device_map()
+        self.device()
+        return None
+
     def _load_quantised_for_zero3(self, spec: BaseModelSpec):
         import torch
         from deepspeed.accelerator import get_accelerator
 
-        from .quantised import load_quantised_whole
-
         self._quantised = True
-        self.device()  # this rank's accelerator as the current device: bitsandbytes quantises onto it
-        model = load_quantised_whole(spec)
+        model = super().load_base(spec)  # quantised whole on this rank (no zero.Init for quantised models)
         check_placement(model, torch.device(get_accelerator().current_device_name()))
         self._log(f"ZeRO-3: {spec.path} loaded quantised on this rank; DeepSpeed partitions it as the engine starts")
         return model

@@ -15,18 +15,9 @@ from __future__ import annotations
 from torch import nn
 from transformers import TrainerCallback
 
-__all__ = ["ReportQuantisedPartition", "load_quantised_whole", "quantised_partition_counts"]
+__all__ = ["ReportQuantisedPartition", "quantised_partition_counts"]
 
 _QUANTISED_WEIGHTS = ("Params4bit", "Int8Params")
-
-
-def load_quantised_whole(spec):
-    """``from_pretrained`` of a quantised base without ``device_map`` (bitsandbytes places it on the current
-    device, which the engine sets to this rank's first: ``cuda:LOCAL_RANK``, or the CPU)."""
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {k: v for k, v in spec.from_pretrained_kwargs.items() if k != "device_map"}
-    return AutoModelForCausalLM.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code, **kwargs)
 
 
 def quantised_partition_counts(model: nn.Module) -> tuple[int, int]:
