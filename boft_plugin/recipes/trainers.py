@@ -202,7 +202,7 @@ class _ExactReferenceAdapter:
         finally:
             self.precompute_ref_logps = False
 
-    def _reference_first(self, inputs) -> bool:
+    def _reference_first(self) -> bool:
         return self.boft_reference_first and not self.precompute_ref_logps
 
 
@@ -218,7 +218,7 @@ class BoftDPOTrainer(_ExactReferenceAdapter, BoftTrainerMixin, WorldSizeInvarian
         released in backward and the whole model ends up gathered on every rank (measured: +2.6 GiB per rank on a
         0.9B model). The reference values are the same either way (no grad, reference adapter, no dropout).
         """
-        if not self._reference_first(inputs) or "ref_chosen_logps" in inputs:
+        if not self._reference_first() or "ref_chosen_logps" in inputs:
             return super()._compute_loss(model, inputs, return_outputs)
         chosen, rejected = self.compute_ref_log_probs(model, inputs)
         inputs = dict(inputs, ref_chosen_logps=chosen, ref_rejected_logps=rejected)
@@ -236,7 +236,7 @@ class BoftKTOTrainer(_ExactReferenceAdapter, BoftTrainerMixin, WorldSizeInvarian
 
     def _compute_loss(self, model, inputs, return_outputs):
         """Under ZeRO-3, the reference log-probs first, as :meth:`BoftDPOTrainer._compute_loss` explains."""
-        if not self._reference_first(inputs) or "ref_logps" in inputs:
+        if not self._reference_first() or "ref_logps" in inputs:
             return super()._compute_loss(model, inputs, return_outputs)
         completion, kl = self.compute_ref_log_probs(model, inputs)
         inputs = dict(inputs, ref_logps=completion, **({"ref_KL_logps": kl} if kl is not None else {}))
