@@ -3,14 +3,17 @@
     boft-plugin sft --config recipe.yaml [--key value ...]   # TRL SFT with a BOFT adapter
     boft-plugin dpo --config recipe.yaml [--key value ...]   # TRL DPO with a BOFT adapter
     boft-plugin kto --config recipe.yaml [--key value ...]   # TRL KTO (unpaired preferences) with a BOFT adapter
+    boft-plugin grpo --config recipe.yaml [--key value ...]  # TRL GRPO (online RL, reward_funcs) with a BOFT adapter
+    boft-plugin rloo --config recipe.yaml [--key value ...]  # TRL RLOO (online RL, reward_funcs) with a BOFT adapter
     boft-plugin verify OUTPUT_DIR                            # reload exports with stock PEFT, compare logits
     boft-plugin convert --single-factor SRC DST              # an m > 1 adapter as the equal m = 1 adapter
     boft-plugin convert --to-lora SRC DST --rank R           # a LoRA adapter for LoRA-only servers (or --max-error)
     boft-plugin demo [--workdir DIR]                         # the main job (SFT then DPO on 2 gloo ranks)
 
-``sft`` / ``dpo`` / ``kto`` run in the current process, which may be one rank of ``torch.distributed.run`` or
-``accelerate launch`` (e.g. ``accelerate launch --config_file integrations/accelerate/zero3.yaml -m boft_plugin sft
---config examples/sft_recipe.yaml``). ``boft-plugin sft --help`` lists every key.
+``sft`` / ``dpo`` / ``kto`` / ``grpo`` / ``rloo`` run in the current process, which may be one rank of
+``torch.distributed.run`` or ``accelerate launch`` (e.g. ``accelerate launch --config_file
+integrations/accelerate/zero3.yaml -m boft_plugin sft --config examples/sft_recipe.yaml``). ``boft-plugin sft
+--help`` lists every key.
 """
 
 from __future__ import annotations
@@ -198,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(__doc__.strip())
         return 0
     command, rest = argv[0], argv[1:]
-    if command in ("sft", "dpo", "kto"):
+    if command in ("sft", "dpo", "kto", "grpo", "rloo"):
         return _train(command, rest)
     if command == "verify":
         return _verify(rest)

@@ -16,6 +16,7 @@ device of its mesh); nothing here names a device or a backend except the CPU fal
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -140,6 +141,10 @@ class Engine:
     def trainer_callbacks(self) -> list:
         """Trainer callbacks the engine needs (added by the recipes' trainers)."""
         return []
+
+    def generating(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Around one ``generate`` of the trained model (GRPO / RLOO): what the engine must hold gathered for it."""
+        return contextlib.nullcontext()
 
     def save_state(self, trainer, output_dir: str) -> bool:
         """Write the trainer's model and optimizer state in the engine's format; False: the Trainer's own."""

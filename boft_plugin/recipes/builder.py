@@ -78,7 +78,7 @@ def base_model_spec(plan: RunPlan) -> BaseModelSpec:
 
 
 def _adapter_request(plan: RunPlan, engine) -> AdapterRequest:
-    from .dpo_reference import REFERENCE_ADAPTER, TASKS_WITH_REFERENCE_ADAPTER
+    from .dpo_reference import REFERENCE_ADAPTER, uses_reference_adapter
 
     init = plan.recipe.options.init_adapter
 
@@ -87,8 +87,9 @@ def _adapter_request(plan: RunPlan, engine) -> AdapterRequest:
 
         return read_adapter(init).tensors
 
-    # TRL adds DPO's / KTO's reference adapter to any PeftModel it is given; an engine that shards first needs it now
-    needs_reference = plan.recipe.task in TASKS_WITH_REFERENCE_ADAPTER and engine.shards_model
+    # TRL adds DPO's / KTO's (GRPO's / RLOO's with beta != 0) reference adapter to any PeftModel it is given; an
+    # engine that shards first needs it now
+    needs_reference = uses_reference_adapter(plan.recipe) and engine.shards_model
     reference = REFERENCE_ADAPTER if needs_reference else None
     return AdapterRequest(plan.peft_config, init, read_init_tensors if init else None, reference)
 

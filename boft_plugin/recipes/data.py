@@ -18,7 +18,8 @@ Columns accepted, as TRL 1.16 reads them:
   pre-tokenised ``input_ids``;
 - DPO: ``chosen`` + ``rejected``, with ``prompt`` (explicit) or without (TRL extracts the shared prefix);
 - KTO: ``prompt`` + ``completion`` + ``label`` (unpaired: a boolean, desirable or not), or DPO's preference rows,
-  which TRL unpairs into one desirable and one undesirable row each.
+  which TRL unpairs into one desirable and one undesirable row each;
+- GRPO / RLOO: ``prompt``; every other column reaches the reward functions (``.rewards``).
 """
 
 from __future__ import annotations
@@ -236,6 +237,9 @@ def check_columns(dataset, task: str, where: str, text_field: str = "text") -> N
     elif task == "kto":  # unpaired; paired preference rows are unpaired by TRL (one desirable, one undesirable)
         options = [{"prompt", "completion", "label"}, {"chosen", "rejected"}]
         expected = "'prompt'+'completion'+'label' (unpaired), or preference rows 'chosen'+'rejected' (TRL unpairs them)"
+    elif task in ("grpo", "rloo"):  # online RL: TRL generates the completions
+        options = [{"prompt"}]
+        expected = "'prompt' (plain or conversational; other columns are passed to the reward functions)"
     else:
         options = [{"chosen", "rejected"}]
         expected = "'prompt'+'chosen'+'rejected' (or 'chosen'+'rejected' with the prompt as shared prefix)"
@@ -281,15 +285,19 @@ def _check_kto_labels(dataset, where: str, length: int | None) -> None:
             )
 
 
-def is_conversational_dataset(dataset) -> bool:
-    from trl.data_utils import is_conversational
-
+def first_row(dataset) -> dict:
+    """The dataset's first row (a streaming dataset's first item)."""
     try:
         example = dataset[0] if hasattr(dataset, "__getitem__") and not isinstance(dataset, dict) else None
     except (IndexError, KeyError, TypeError):
         example = None
-    if example is None:
-        example = next(iter(dataset))
+    return example if example is not None else next(iter(dataset))
+
+
+def is_conversational_dataset(dataset) -> bool:
+    from trl.data_utils import is_conversational
+
+    example = first_row(dataset)
     return bool(is_conversational(example)) or "conversations" in example
 
 

@@ -150,6 +150,15 @@ def check_data_order(training, options, num_rows: int | None, task: str) -> None
 
     from ..errors import RecipeError
 
+    if task in ("grpo", "rloo"):  # TRL's RepeatSampler: seeded, the same on every rank, whole generation batches
+        prompts = training.generation_batch_size // training.num_generations
+        if num_rows is not None and num_rows < prompts:
+            raise RecipeError(
+                f"the training set has {num_rows} prompts, fewer than one generation batch ({prompts} = "
+                f"generation_batch_size {training.generation_batch_size} / num_generations {training.num_generations})"
+                ": TRL's sampler keeps whole generation batches only, so no step would run"
+            )
+        return
     strategy = getattr(training, "train_sampling_strategy", "random")
     if task == "kto" and training.loss_type != "apo_zero_unpaired":  # TRL's KTOTrainer refuses these after loading
         if strategy != "sequential":

@@ -1,11 +1,20 @@
-"""DPO's and KTO's reference adapter: TRL's frozen ``ref`` copy of the trained ``default`` adapter, made exact for
-BOFT."""
+"""The reference adapter of DPO, KTO and (with ``beta`` != 0) GRPO / RLOO: TRL's frozen ``ref`` copy of the trained
+``default`` adapter, made exact for BOFT."""
 
 from __future__ import annotations
 
 REFERENCE_ADAPTER = "ref"
 # the recipe tasks whose TRL trainer adds REFERENCE_ADAPTER to a PeftModel it is given (an init adapter)
 TASKS_WITH_REFERENCE_ADAPTER = ("dpo", "kto")
+# ... and those that add it only when their KL term is on (beta != 0)
+TASKS_WITH_KL_REFERENCE_ADAPTER = ("grpo", "rloo")
+
+
+def uses_reference_adapter(recipe) -> bool:
+    """Whether TRL's trainer for ``recipe`` adds the ``ref`` adapter to a ``PeftModel`` it is given."""
+    if recipe.task in TASKS_WITH_KL_REFERENCE_ADAPTER:
+        return recipe.training.beta != 0.0
+    return recipe.task in TASKS_WITH_REFERENCE_ADAPTER
 
 
 def sync_reference_adapter(model, adapter: str = "default", reference: str = REFERENCE_ADAPTER) -> int:

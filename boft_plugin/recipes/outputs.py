@@ -105,7 +105,8 @@ def _series(history: list[dict], key: str) -> list[list[float]]:
 
 
 def summarize(task: str, trainer, files: dict[str, Any], extra: dict | None = None) -> dict:
-    """The run's summary (losses, DPO / KTO reward margins, files written) from the Trainer's log history."""
+    """The run's summary (losses, DPO / KTO reward margins, GRPO / RLOO rewards, files written) from the Trainer's
+    log history."""
     history = list(trainer.state.log_history)
     evals = [entry for entry in history if "eval_loss" in entry]
     train_losses = _series(history, "loss")
@@ -128,6 +129,9 @@ def summarize(task: str, trainer, files: dict[str, Any], extra: dict | None = No
         summary["eval_margins"] = _series(history, "eval_rewards/margins")
     if task == "kto":
         summary["train_kl"] = _series(history, "kl")
+    if task in ("grpo", "rloo"):  # the mean reward of each step's completions (all reward functions, weighted)
+        summary["train_reward"] = _series(history, "reward")
+        summary["eval_reward"] = _series(history, "eval_reward")
     summary["log_history"] = history
     summary.update(extra or {})
     return summary

@@ -1,8 +1,9 @@
 """Recipe parsing: a YAML mapping plus command-line flags, through :class:`RecipeParser`, a ``TrlParser``.
 
-Every field of TRL's ``SFTConfig`` / ``DPOConfig`` / ``KTOConfig`` (and so of ``transformers.TrainingArguments``),
-``ModelConfig``, ``ScriptArguments`` and ``DatasetMixtureConfig`` is a recipe key and a ``--flag`` exactly as in
-TRL's own ``trl sft`` / ``trl dpo`` / ``trl kto`` scripts, next to :class:`~boft_plugin.recipes.args.BoftArguments` and
+Every field of TRL's ``SFTConfig`` / ``DPOConfig`` / ``KTOConfig`` / ``GRPOConfig`` / ``RLOOConfig`` (and so of
+``transformers.TrainingArguments``), ``ModelConfig``, the script's ``ScriptArguments`` (GRPO / RLOO: with
+``reward_funcs``) and ``DatasetMixtureConfig`` is a recipe key and a ``--flag`` exactly as in TRL's own ``trl sft``
+/ ``dpo`` / ``kto`` / ``grpo`` / ``rloo`` scripts, next to :class:`~boft_plugin.recipes.args.BoftArguments` and
 :class:`~boft_plugin.recipes.args.RecipeOptions`. Flags override the YAML (``TrlParser`` turns the YAML into
 argparse defaults, in its own ``parse_args_and_config``, which :class:`RecipeParser` calls). Differences from
 TRL's scripts, on purpose:
@@ -31,7 +32,9 @@ from ..runtime.process_exit import launched_world_size
 from .args import BoftArguments, RecipeOptions
 from .quantisation import check_packed_codes_survive_half_mode
 
-TASKS = ("sft", "dpo", "kto")
+TASKS = ("sft", "dpo", "kto", "grpo", "rloo")
+# the online-RL tasks: TRL generates completions with the policy and scores them with reward functions
+RL_TASKS = ("grpo", "rloo")
 
 # ModelConfig keys that select LoRA; a BOFT recipe refuses them when set to a non-default value.
 _REFUSED_MODEL_KEYS = {
@@ -53,8 +56,8 @@ class Recipe:
     """A parsed recipe: the task and one instance of each argument dataclass."""
 
     task: str
-    script: Any  # trl.ScriptArguments
-    training: Any  # trl.SFTConfig, trl.DPOConfig or trl.KTOConfig
+    script: Any  # trl.ScriptArguments (GRPO / RLOO: TRL's script arguments with reward_funcs)
+    training: Any  # trl.SFTConfig, DPOConfig, KTOConfig, GRPOConfig or RLOOConfig
     model: Any  # trl.ModelConfig
     mixture: Any  # trl.DatasetMixtureConfig
     boft: BoftArguments
@@ -64,12 +67,26 @@ class Recipe:
 
 
 def _dataclass_types(task: str) -> tuple[type, ...]:
-    from trl import DatasetMixtureConfig, DPOConfig, KTOConfig, ModelConfig, ScriptArguments, SFTConfig
+    from trl import (
+        DatasetMixtureConfig,
+        DPOConfig,
+        GRPOConfig,
+        KTOConfig,
+        ModelConfig,
+        RLOOConfig,
+        ScriptArguments,
+        SFTConfig,
+    )
 
     if task not in TASKS:
         raise RecipeError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    training = {"sft": SFTConfig, "dpo": DPOConfig, "kto": KTOConfig}[task]
-    return (ScriptArguments, training, ModelConfig, DatasetMixtureConfig, BoftArguments, RecipeOptions)
+    training = {"sft": SFTConfig, "dpo": DPOConfig, "kto": KTOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig}[task]
+    script = ScriptArguments
+    if task == "grpo":  # TRL's own script arguments: + reward_funcs, reward_model_name_or_path
+        from trl.scripts.grpo import GRPOScriptArguments as script
+    elif task == "rloo":
+        from trl.scripts.rloo import RLOOScriptArguments as script
+    return (script, training, ModelConfig, DatasetMixtureConfig, BoftArguments, RecipeOptions)
 
 
 class RecipeParser(TrlParser):
@@ -177,6 +194,10 @@ class RecipeParser(TrlParser):
         check_half_precision_has_a_gpu(merged, args, _has_accelerator())
         self.half_mode = deepspeed_half_mode(merged, args, _has_accelerator())
         merged.update(cpu_launch_defaults(merged, args))
+        if self.task in RL_TASKS:
+            from .generation import generation_defaults
+
+            merged.update(generation_defaults(lambda key: _given(key, merged, args)))
         prefer_activation_checkpointing(merged, args)
         return merged
 
@@ -349,7 +370,7 @@ def parse_recipe(task: str, argv: Sequence[str] | None = None, config: dict | No
     """Parse ``--config recipe.yaml`` and flags (``argv``) into a :class:`Recipe`; nothing is loaded.
 
     Args:
-        task: one of :data:`TASKS` ('sft', 'dpo', 'kto').
+        task: one of :data:`TASKS` ('sft', 'dpo', 'kto', 'grpo', 'rloo').
         argv: command-line arguments after the subcommand (may hold ``--config PATH``).
         config: a recipe mapping given in Python instead of a YAML file (keys as in the YAML); flags in
             ``argv`` override it too.

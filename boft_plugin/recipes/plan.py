@@ -14,6 +14,7 @@ from .checkpoints.resume import ResumePlan, agreed_resume_plan
 from .data import is_conversational_dataset, load_recipe_data
 from .data_order import check_data_order
 from .engine_choice import engine_for, engine_of
+from .generation import warn_if_generation_gathers
 from .geometry_check import check_geometry
 from .model_source import (
     ModelSource,
@@ -24,7 +25,9 @@ from .model_source import (
     model_source,
 )
 from .output_guard import check_output_dir
+from .parsing import RL_TASKS
 from .quantisation import check_quantisation
+from .rewards import resolve_rewards
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -48,6 +51,7 @@ class RunPlan:
         train_dataset / eval_dataset: the data (``datasets`` objects; ``eval_dataset`` may be None).
         engine: ``single``, ``ddp``, ``zero2``, ``zero3`` or ``fsdp2`` (how the model is placed on the ranks).
         resume: what training resumes from and which checkpoints it owns.
+        reward_funcs: GRPO / RLOO: the rewards handed to TRL's trainer (functions, a reward model path), checked.
     """
 
     recipe: Recipe
@@ -59,6 +63,7 @@ class RunPlan:
     eval_dataset: Any
     engine: str
     resume: ResumePlan
+    reward_funcs: list = field(default_factory=list)
     _engine: Any = field(default=None, init=False, repr=False)
 
     @property
@@ -90,6 +95,10 @@ def prepare(recipe: Recipe, train_dataset=None, eval_dataset=None) -> RunPlan:
     check_quantisation(recipe.model, engine, options.fsdp2_pre_shard)
     train, evaluation = load_recipe_data(recipe, train_dataset, eval_dataset)
     check_data_order(training, options, _length(train), recipe.task)
+    reward_funcs = []
+    if recipe.task in RL_TASKS:
+        reward_funcs = resolve_rewards(recipe, train)
+        warn_if_generation_gathers(training, engine)
     source = model_source(recipe)
     peft_config = adapter_peft_config(recipe)
     check_output_dir(training.output_dir, peft_config, source.path, options.overwrite_output_dir)
@@ -113,4 +122,5 @@ def prepare(recipe: Recipe, train_dataset=None, eval_dataset=None) -> RunPlan:
         eval_dataset=evaluation,
         engine=engine,
         resume=resume,
+        reward_funcs=reward_funcs,
     )

@@ -96,8 +96,9 @@ def locked_output_dir(training) -> Iterator[None]:
 
 
 def make_trainer(plan: RunPlan, built: Built):
-    """boft-plugin's TRL ``SFTTrainer`` / ``DPOTrainer`` / ``KTOTrainer`` for ``built`` (see :func:`.builder.build`)."""
-    from .trainers import BoftDPOTrainer, BoftKTOTrainer, BoftSFTTrainer
+    """boft-plugin's TRL ``SFTTrainer`` / ``DPOTrainer`` / ``KTOTrainer`` / ``GRPOTrainer`` / ``RLOOTrainer`` for
+    ``built`` (see :func:`.builder.build`)."""
+    from .trainers import BoftDPOTrainer, BoftGRPOTrainer, BoftKTOTrainer, BoftRLOOTrainer, BoftSFTTrainer
 
     recipe = plan.recipe
     common = dict(
@@ -115,6 +116,10 @@ def make_trainer(plan: RunPlan, built: Built):
         return BoftSFTTrainer(**common)
     if recipe.task == "kto":
         return BoftKTOTrainer(**common)
+    if recipe.task in ("grpo", "rloo"):
+        trainer_class = BoftGRPOTrainer if recipe.task == "grpo" else BoftRLOOTrainer
+        del common["data_order_tail"]  # TRL's own sampler (whole generation batches)
+        return trainer_class(reward_funcs=list(plan.reward_funcs), **common)
     trainer = BoftDPOTrainer(**common)
     if recipe.script.ignore_bias_buffers:  # as TRL's dpo.py
         import torch

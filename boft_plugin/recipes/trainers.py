@@ -1,7 +1,7 @@
-"""TRL's SFT, DPO and KTO trainers with boft-plugin's behaviour added through a mixin and callbacks.
+"""TRL's SFT, DPO, KTO, GRPO and RLOO trainers with boft-plugin's behaviour added through a mixin and callbacks.
 
 No Trainer method is replaced on an instance; the one place that steps into a TRL call is
-:func:`_keep_existing_reference`, which, for the length of ``DPOTrainer.__init__`` / ``KTOTrainer.__init__`` only,
+:func:`_keep_existing_reference`, which, for the length of the constructor of a trainer with a reference adapter only,
 makes the model's
 ``add_adapter`` skip TRL's own ``ref`` adapter when the engine already added it (FSDP2 cannot manage an adapter added
 after sharding).
@@ -26,7 +26,7 @@ import contextlib
 import uuid
 from pathlib import Path
 
-from trl import DPOTrainer, KTOTrainer, SFTTrainer
+from trl import DPOTrainer, GRPOTrainer, KTOTrainer, RLOOTrainer, SFTTrainer
 
 from ..distributed.engine import Engine, float32_adapters
 from ..distributed.fsdp2.shard import is_fsdp2_sharded, store_block_major
@@ -44,7 +44,14 @@ from .checkpoints.resume import ResumePlan, agreed_resume_plan, carry_out
 from .data_order import WorldSizeInvariantDataMixin
 from .dpo_reference import REFERENCE_ADAPTER
 
-__all__ = ["BoftDPOTrainer", "BoftKTOTrainer", "BoftSFTTrainer", "BoftTrainerMixin"]
+__all__ = [
+    "BoftDPOTrainer",
+    "BoftGRPOTrainer",
+    "BoftKTOTrainer",
+    "BoftRLOOTrainer",
+    "BoftSFTTrainer",
+    "BoftTrainerMixin",
+]
 
 
 class BoftTrainerMixin:
@@ -175,7 +182,7 @@ class BoftSFTTrainer(BoftTrainerMixin, WorldSizeInvariantDataMixin, SFTTrainer):
 
 
 class _ExactReferenceAdapter:
-    """For TRL's trainers with a reference model (DPO, KTO): an exact BOFT ``ref`` adapter.
+    """For TRL's trainers with a reference model (DPO, KTO, GRPO / RLOO): an exact BOFT ``ref`` adapter.
 
     Given a ``PeftModel`` (an init adapter), TRL adds a ``ref`` copy of it, synced by
     ``callbacks.SyncReferenceAdapter`` (TRL copies only ``*.default.*`` parameters). Under FSDP2 pre-sharding the
@@ -190,7 +197,15 @@ class _ExactReferenceAdapter:
         model = kwargs.get("model", args[0] if args else None)
         with _keep_existing_reference(model):
             super().__init__(*args, callbacks=callbacks, **kwargs)
-        # ZeRO-3: the reference pass of a step runs before its policy forward (see BoftDPOTrainer._compute_loss)
+
+
+class _ReferenceFirstUnderZero3(_ExactReferenceAdapter):
+    """DPO / KTO, whose reference pass runs between the policy forward and its backward: under ZeRO-3 it runs first
+    (see :meth:`BoftDPOTrainer._compute_loss`). GRPO / RLOO score the reference while preparing a generation batch,
+    before any policy forward, and need nothing of this."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.boft_reference_first = self.boft_engine.name == "zero3"
 
     @contextlib.contextmanager
@@ -206,7 +221,7 @@ class _ExactReferenceAdapter:
         return self.boft_reference_first and not self.precompute_ref_logps
 
 
-class BoftDPOTrainer(_ExactReferenceAdapter, BoftTrainerMixin, WorldSizeInvariantDataMixin, DPOTrainer):
+class BoftDPOTrainer(_ReferenceFirstUnderZero3, BoftTrainerMixin, WorldSizeInvariantDataMixin, DPOTrainer):
     """TRL's ``DPOTrainer`` with :class:`BoftTrainerMixin` and an exact BOFT reference adapter."""
 
     def _compute_loss(self, model, inputs, return_outputs):
@@ -226,7 +241,7 @@ class BoftDPOTrainer(_ExactReferenceAdapter, BoftTrainerMixin, WorldSizeInvarian
             return super()._compute_loss(model, inputs, return_outputs)
 
 
-class BoftKTOTrainer(_ExactReferenceAdapter, BoftTrainerMixin, WorldSizeInvariantDataMixin, KTOTrainer):
+class BoftKTOTrainer(_ReferenceFirstUnderZero3, BoftTrainerMixin, WorldSizeInvariantDataMixin, KTOTrainer):
     """TRL's ``KTOTrainer`` with :class:`BoftTrainerMixin` and an exact BOFT reference adapter (as DPO).
 
     The rows of a step do not depend on the number of ranks, but KTO's loss does: its KL baseline is the mean over
@@ -242,6 +257,25 @@ class BoftKTOTrainer(_ExactReferenceAdapter, BoftTrainerMixin, WorldSizeInvarian
         inputs = dict(inputs, ref_logps=completion, **({"ref_KL_logps": kl} if kl is not None else {}))
         with self._reference_in_inputs():
             return super()._compute_loss(model, inputs, return_outputs)
+
+
+class _GenerationUnderEngines:
+    """GRPO / RLOO: each generation inside the engine's :meth:`~boft_plugin.distributed.engine.Engine.generating`
+    (FSDP2: the root unit's own parameters gathered, the ranks kept in step; ``recipes.generation``)."""
+
+    def _generate_single_turn(self, *args, **kwargs):
+        with self.boft_engine.generating(self.model_wrapped):
+            return super()._generate_single_turn(*args, **kwargs)
+
+
+class BoftGRPOTrainer(_GenerationUnderEngines, _ExactReferenceAdapter, BoftTrainerMixin, GRPOTrainer):
+    """TRL's ``GRPOTrainer`` with :class:`BoftTrainerMixin`, an exact BOFT reference adapter when ``beta`` != 0 and
+    an init adapter is trained, and generation under every engine. The rows of a step are TRL's: its seeded
+    ``RepeatSampler`` gives every rank the same order, split into whole generation batches."""
+
+
+class BoftRLOOTrainer(_GenerationUnderEngines, _ExactReferenceAdapter, BoftTrainerMixin, RLOOTrainer):
+    """TRL's ``RLOOTrainer``, as :class:`BoftGRPOTrainer`."""
 
 
 def _engine_of_trainer(trainer) -> Engine:

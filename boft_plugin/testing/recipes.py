@@ -6,26 +6,34 @@ import os
 from pathlib import Path
 
 from ..runtime.atomic import write_jsonl
-from ..toy.tasks import preference_examples, sft_examples, unpaired_preference_examples
+from ..toy.tasks import preference_examples, prompt_examples, sft_examples, unpaired_preference_examples
 
 __all__ = ["tiny_recipe", "write_recipe", "write_tiny_data"]
 
 
-def write_tiny_data(directory: str | os.PathLike, n_sft: int = 64, n_dpo: int = 32, n_kto: int = 32) -> dict[str, Path]:
-    """Small SFT (plain prompt/completion), preference (DPO) and unpaired (KTO) files for quick runs; their paths."""
+def write_tiny_data(
+    directory: str | os.PathLike, n_sft: int = 64, n_dpo: int = 32, n_kto: int = 32, n_prompts: int = 32
+) -> dict[str, Path]:
+    """Small SFT (plain prompt/completion), preference (DPO), unpaired (KTO) and prompt (GRPO / RLOO, the same file)
+    files for quick runs; their paths by task."""
     directory = Path(directory)
+    prompts = write_jsonl(prompt_examples(n_prompts, seed=4), directory / "prompts.jsonl")
     return {
         "sft": write_jsonl(sft_examples(n_sft, seed=0, fmt="prompt_completion"), directory / "sft.jsonl"),
         "dpo": write_jsonl(preference_examples(n_dpo, seed=1, conversational=False), directory / "dpo.jsonl"),
         "kto": write_jsonl(unpaired_preference_examples(n_kto, seed=3), directory / "kto.jsonl"),
+        "grpo": prompts,
+        "rloo": prompts,
     }
 
 
 def tiny_recipe(task: str, output_dir: str | os.PathLike, data: dict[str, Path], **overrides) -> dict:
     """A recipe mapping that trains in seconds on a tiny random Llama (used by the tests).
 
-    SFT: ``tiny_model`` with BOFT b=4, m=2 on all linear layers. DPO: set ``init_adapter`` (or ``boft_*`` keys) in
-    ``overrides``. Evaluation (on a slice of the training file) runs at the start, midway and at the end.
+    SFT: ``tiny_model`` with BOFT b=4, m=2 on all linear layers. DPO / KTO / GRPO / RLOO: set ``init_adapter`` (or
+    ``tiny_model`` and ``boft_*`` keys) in ``overrides``; GRPO / RLOO score with
+    :func:`boft_plugin.toy.rewards.alphabet_reward` (dense: a random model's groups differ). Evaluation (on a slice of
+    the training file) runs at the start, midway and at the end.
     """
     recipe = {
         "output_dir": str(output_dir),
@@ -50,6 +58,16 @@ def tiny_recipe(task: str, output_dir: str | os.PathLike, data: dict[str, Path],
     }
     if task == "sft":
         recipe.update(tiny_model=True, boft_block_size=4, boft_n_butterfly_factor=2, boft_target_modules=["all-linear"])
+    elif task in ("grpo", "rloo"):  # 2 prompts x 4 completions of up to 8 characters per step and rank
+        del recipe["max_length"]
+        recipe.update(
+            beta=0.1,
+            reward_funcs=["boft_plugin.toy.rewards.alphabet_reward"],
+            num_generations=4,
+            max_completion_length=8,
+            per_device_eval_batch_size=8,
+            eval_steps=3,
+        )
     else:
         recipe.update(beta=0.1)
     recipe.update(overrides)

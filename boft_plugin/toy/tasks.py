@@ -6,7 +6,9 @@
 - DPO (:func:`preference_examples`): the reversed string (chosen) over the copied one (rejected), the base
   model's habit;
 - KTO (:func:`unpaired_preference_examples`): the same pairs unpaired, the reversed string desirable and the copy
-  undesirable (TRL's ``prompt`` / ``completion`` / ``label`` rows).
+  undesirable (TRL's ``prompt`` / ``completion`` / ``label`` rows);
+- GRPO / RLOO (:func:`prompt_examples`): prompts to reverse a string with the ``answer`` beside them, scored by
+  :mod:`boft_plugin.toy.rewards`.
 
 Rows come as ``messages`` (conversational), ``prompt``/``completion`` or ``text`` for SFT, and conversational or
 plain ``prompt``/``chosen``/``rejected`` for DPO.
@@ -90,6 +92,21 @@ def unpair_mixed(pairs: list[dict]) -> list[dict]:
 def unpaired_preference_examples(n: int, seed: int = 3, conversational: bool = False) -> list[dict]:
     """``n`` KTO rows from ``n // 2`` (rounded up) preference pairs, ordered by :func:`unpair_mixed`."""
     return unpair_mixed(preference_examples((n + 1) // 2, seed=seed, conversational=conversational))[:n]
+
+
+def prompt_examples(n: int, seed: int = 4, conversational: bool = False) -> list[dict]:
+    """``n`` GRPO / RLOO rows: a ``prompt`` to reverse a string and its ``answer`` (read by
+    :func:`boft_plugin.toy.rewards.reversal_reward`)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        word = _word(rng)
+        prompt = _prompt("reverse", word)
+        if conversational:
+            rows.append({"prompt": [{"role": "user", "content": prompt}], "answer": word[::-1]})
+        else:
+            rows.append({"prompt": f"{prompt}=", "answer": word[::-1]})
+    return rows
 
 
 def pretraining_texts(n: int, seed: int = 2) -> list[str]:

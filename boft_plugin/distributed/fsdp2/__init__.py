@@ -4,7 +4,8 @@
   rank's device (HSDP: replicate across nodes, shard within), float32 adapter units under bf16 mixed precision;
 - :mod:`.loading`: meta-device model -> adapter(s) -> shard -> each rank reads its slices from safetensors onto the
   mesh's device;
-- :mod:`.checkpoints`: Trainer checkpoints through ``torch.distributed.checkpoint`` (resharded on load).
+- :mod:`.checkpoints`: Trainer checkpoints through ``torch.distributed.checkpoint`` (resharded on load);
+- :mod:`.generation`: ``generate`` on the sharded model (GRPO / RLOO), the ranks kept in step.
 
 :class:`FSDP2Engine` is the recipes' route (``fsdp2_pre_shard``): the model is sharded before the Trainer sees it.
 """
@@ -16,6 +17,7 @@ import copy
 from ..checkpoint_files import has_safetensors
 from ..engine import AdapterRequest, BaseModelSpec, Engine
 from . import checkpoints
+from .generation import mark_fsdp_managed, sharded_generation
 from .loading import copy_adapter_shards, load_adapter_shards, load_sharded_base_weights
 from .shard import device_mesh, is_fsdp2_sharded, packed_4bit_layers, shard_for_fsdp2, store_block_major
 
@@ -109,7 +111,13 @@ class FSDP2Engine(Engine):
             if request.reference is not None:
                 copy_adapter_shards(model, "default", request.reference)
         model._is_accelerate_prepared = True  # accelerate's own marker: prepare_model returns such a model as it is
+        mark_fsdp_managed(model)
         return model, None
+
+    def generating(self, model):
+        from ..gather import unwrap_peft_model
+
+        return sharded_generation(unwrap_peft_model(model))
 
     def save_state(self, trainer, output_dir: str) -> bool:
         checkpoints.save_sharded_state(trainer, output_dir)
