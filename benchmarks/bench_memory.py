@@ -4,6 +4,8 @@
     python benchmarks/bench_memory.py --size small --worlds 1 2     # a quick look (~56M parameters)
     python benchmarks/bench_memory.py --task dpo --worlds 2
     python benchmarks/bench_memory.py --task kto --worlds 2         # 2 rows per micro-batch (KTO's KL term)
+    python benchmarks/bench_memory.py --task grpo --worlds 2        # generation (8 tokens) + training, 2 per prompt
+    python benchmarks/bench_memory.py --task grpo --worlds 2 --engines zero3 --set ds3_gather_for_generation=true
     python benchmarks/bench_memory.py --size smollm2 --engines single ddp --worlds 1 2 --quant none 4bit 8bit
     python benchmarks/bench_memory.py --size smollm2 --engines zero3 fsdp2 --worlds 2 --quant 4bit
 
@@ -128,7 +130,14 @@ def quantised_gib(base: Path, quant: str) -> float:
 
 
 def write_recipe(
-    out: Path, base: Path, engine: str, task: str, steps: int, accumulation: int, quant: str = "none"
+    out: Path,
+    base: Path,
+    engine: str,
+    task: str,
+    steps: int,
+    accumulation: int,
+    quant: str = "none",
+    extra: dict | None = None,
 ) -> Path:
     import yaml
 
@@ -161,10 +170,19 @@ def write_recipe(
     }
     if task in ("dpo", "kto"):
         recipe["beta"] = 0.1
+    if task in ("grpo", "rloo"):  # a generation batch = the global batch: prompts x num_generations completions
+        del recipe["max_length"]
+        recipe.update(
+            beta=0.1,  # the KL term's reference pass (adapter disabled) too
+            num_generations=2,
+            max_completion_length=8,
+            reward_funcs=["boft_plugin.toy.rewards.alphabet_reward"],
+        )
     if task == "kto":  # KTO's KL term pairs rows within a micro-batch: at least 2 rows each
         recipe["per_device_train_batch_size"] = 2
         recipe["gradient_accumulation_steps"] = kto_accumulation(accumulation)
     recipe.update(QUANT_KEYS[quant])
+    recipe.update(extra or {})
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -185,12 +203,13 @@ def run(
     timeout: float,
     global_batch: int,
     quant: str = "none",
+    extra: dict | None = None,
 ) -> dict:
     from boft_plugin.runtime.launchers import accelerate_cmd, cpu_env, launch, torchrun_cmd
 
     out = work / f"{task}_{engine}_{quant}_w{world}"
     # the same global batch at every W
-    recipe = write_recipe(out, base, engine, task, steps, global_batch // world, quant)
+    recipe = write_recipe(out, base, engine, task, steps, global_batch // world, quant, extra)
     cli = ["boft_plugin", task, "--config", str(recipe)]
     if engine == "zero3":
         cmd = accelerate_cmd(str(REPO / "integrations/accelerate/zero3.yaml"), ["-m", *cli], num_processes=world)
@@ -261,12 +280,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", nargs="+", default=["zero3", "fsdp2"], choices=["zero3", "fsdp2", "single", "ddp"])
     parser.add_argument("--quant", nargs="+", default=["none"], choices=sorted(QUANT_KEYS))
     parser.add_argument("--worlds", nargs="+", type=int, default=[1, 2, 4])
-    parser.add_argument("--task", choices=["sft", "dpo", "kto"], default="sft")
+    parser.add_argument("--task", choices=["sft", "dpo", "kto", "grpo", "rloo"], default="sft")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path("outputs/bench_memory"))
     parser.add_argument("--timeout", type=float, default=3000)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe keys (YAML values)")
     args = parser.parse_args(argv)
+    import yaml
+
+    extra = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
     base, model_gib = checkpoint(args.size)
     rows = []
     global_batch = max(args.worlds)
@@ -281,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 print(f"{engine} {quant} W={world} ...", file=sys.stderr, flush=True)
                 work = args.workdir.absolute()
-                row = run(engine, world, base, args.task, args.steps, work, args.timeout, global_batch, quant)
+                row = run(engine, world, base, args.task, args.steps, work, args.timeout, global_batch, quant, extra)
                 row["model_gib"] = sizes[quant]
                 add_comparisons(row, rows)
                 rows.append(row)
@@ -289,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "kto":  # 2 rows per micro-batch
         kto_batches = sorted({2 * w * kto_accumulation(global_batch // w) for w in args.worlds})
         batch_text = " / ".join(map(str, kto_batches)) + " (KTO: 2 rows per micro-batch)"
+    if args.task in ("grpo", "rloo"):
+        batch_text += " completions (2 per prompt, up to 8 tokens; the train phase holds generation too)"
     print(
         f"{args.task.upper()}, {args.size} checkpoint ({model_gib:.2f} GiB fp32), global batch {batch_text}, "
         f"{args.steps} steps; peak RssAnon per rank in GiB; exports vs the same engine on 1 rank (max |diff| / max):"

@@ -16,12 +16,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-__all__ = ["generation_defaults", "warn_if_generation_gathers"]
+__all__ = ["check_generation_backend", "generation_defaults", "warn_if_generation_gathers"]
 
 
 def generation_defaults(given: Callable[[str], bool]) -> dict:
     """Recipe defaults for generation (keys the recipe or flags set are kept): see the module docstring."""
     return {} if given("ds3_gather_for_generation") else {"ds3_gather_for_generation": False}
+
+
+def check_generation_backend(training) -> None:
+    """Refuse ``use_vllm`` where vLLM is not installed (TRL would fail after loading the model)."""
+    import importlib.util
+
+    from ..errors import RecipeError
+
+    if getattr(training, "use_vllm", False) and importlib.util.find_spec("vllm") is None:
+        raise RecipeError(
+            "recipe key 'use_vllm': vLLM is not installed in this environment; install it, or leave use_vllm false "
+            "(generation then runs through transformers' generate under the recipe's engine)"
+        )
 
 
 def warn_if_generation_gathers(training, engine: str) -> None:

@@ -14,7 +14,7 @@ from .checkpoints.resume import ResumePlan, agreed_resume_plan
 from .data import is_conversational_dataset, load_recipe_data
 from .data_order import check_data_order
 from .engine_choice import engine_for, engine_of
-from .generation import warn_if_generation_gathers
+from .generation import check_generation_backend, warn_if_generation_gathers
 from .geometry_check import check_geometry
 from .model_source import (
     ModelSource,
@@ -98,6 +98,7 @@ def prepare(recipe: Recipe, train_dataset=None, eval_dataset=None) -> RunPlan:
     reward_funcs = []
     if recipe.task in RL_TASKS:
         reward_funcs = resolve_rewards(recipe, train)
+        check_generation_backend(training)
         warn_if_generation_gathers(training, engine)
     source = model_source(recipe)
     peft_config = adapter_peft_config(recipe)

@@ -6,12 +6,12 @@ weights load.
 (``my_rewards.length_reward``; the working directory is importable, as in TRL's scripts).
 ``reward_model_name_or_path`` adds a sequence-classification reward model, which TRL loads.
 
-Each function is imported and then called once on the first training row with an empty completion, exactly as TRL
-calls it (``prompts``, ``completions``, ``completion_ids``, the row's other columns, ``trainer_state``,
-``log_extra``, ``log_metric``): a function that cannot be imported, is not callable, needs a column the data lacks,
-or does not return one number (or None) per completion is refused with the reason, where TRL would fail at the
-first generation, after loading the model. An empty completion is one the policy can produce (an end-of-sequence
-token first), so a function must handle it.
+Each function is imported and then called once (on every rank) on the first training row with an empty
+completion, exactly as TRL calls it (``prompts``, ``completions``, ``completion_ids``, the row's other columns,
+``trainer_state``, ``log_extra``, ``log_metric``): a function that cannot be imported, is not callable, needs a
+column the data lacks, or does not return one number (or None) per completion is refused with the reason, where TRL
+would fail at the first generation, after loading the model. An empty completion is one the policy can produce
+(an end-of-sequence token first), so a function must handle it.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """TRL's SFT, DPO, KTO, GRPO and RLOO trainers with boft-plugin's behaviour added through a mixin and callbacks.
 
-No Trainer method is replaced on an instance; the one place that steps into a TRL call is
-:func:`_keep_existing_reference`, which, for the length of the constructor of a trainer with a reference adapter only,
-makes the model's
+No Trainer method is replaced on an instance. Two places step into TRL objects: :func:`_keep_existing_reference`,
+which, for the length of the constructor of a trainer with a reference adapter only, makes the model's
 ``add_adapter`` skip TRL's own ``ref`` adapter when the engine already added it (FSDP2 cannot manage an adapter added
-after sharding).
+after sharding); and, with ``use_vllm``, the class of TRL's ``vllm_generation`` object is set to a subclass whose
+weight iterator streams the merged BOFT weights (``recipes.vllm_sync``).
 
 :class:`BoftTrainerMixin` adds, to any transformers ``Trainer`` subclass:
 
@@ -261,7 +261,14 @@ class BoftKTOTrainer(_ReferenceFirstUnderZero3, BoftTrainerMixin, WorldSizeInvar
 
 class _GenerationUnderEngines:
     """GRPO / RLOO: each generation inside the engine's :meth:`~boft_plugin.distributed.engine.Engine.generating`
-    (FSDP2: the root unit's own parameters gathered, the ranks kept in step; ``recipes.generation``)."""
+    (FSDP2: the root unit's own parameters gathered, the ranks kept in step; ``recipes.generation``), and with
+    ``use_vllm`` the weight sync streamed from the merged BOFT weights (``recipes.vllm_sync``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from .vllm_sync import stream_weight_sync
+
+        stream_weight_sync(self)
 
     def _generate_single_turn(self, *args, **kwargs):
         with self.boft_engine.generating(self.model_wrapped):

@@ -110,6 +110,16 @@ class _Cases:
     def kto_random_sampling(self):
         return self._refused_recipe("kto_random", task="kto", tiny_model=True, train_sampling_strategy="random")
 
+    def grpo_reward_needs_a_column(self):
+        return self._refused_recipe(
+            "grpo_reward", task="grpo", tiny_model=True, boft_block_size=4, reward_funcs=["accuracy_reward"]
+        )
+
+    def grpo_reward_not_importable(self):
+        return self._refused_recipe(
+            "grpo_import", task="grpo", tiny_model=True, boft_block_size=4, reward_funcs=["my_rewards.score"]
+        )
+
     def foreign_output_dir(self):
         _, out = self._recipe("foreign")
         out.mkdir(parents=True)
@@ -368,6 +378,8 @@ CASES = {
     "SFT data given to DPO": "wrong_columns",
     "KTO labels that are not booleans": "kto_string_labels",
     "KTO with random sampling (its KL term needs the sequential order)": "kto_random_sampling",
+    "a GRPO reward that needs a column the data lacks": "grpo_reward_needs_a_column",
+    "a GRPO reward whose module cannot be imported": "grpo_reward_not_importable",
     "output_dir holding another run's adapter": "foreign_output_dir",
     "report_to an integration that is not installed": "report_to_missing",
     "hub dataset, hub unreachable": "hub_unreachable",

@@ -64,6 +64,11 @@ def _compare_with_reference(run_dir: Path, reference: Path, factors: int) -> dic
             assert torch.allclose(got[key], want[key], atol=5e-5, rtol=1e-4), f"{name}: {key}"
     config = json.loads((ours / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "BOFT" and config["boft_n_butterfly_factor"] == factors
+    # the weight-sync stream yields exactly the merged export's tensors, and leaves the trained model as it was
+    streamed, merged = load_file(ours / "streamed.safetensors"), load_file(ours / "merged" / "model.safetensors")
+    assert streamed.keys() == merged.keys() and all(torch.equal(streamed[k], merged[k]) for k in merged)
+    before = torch.load(ours / "logits.pt", weights_only=True)["logits"]
+    assert torch.equal(torch.load(ours / "logits_after_stream.pt", weights_only=True)["logits"], before)
     return result
 
 

@@ -138,6 +138,7 @@ def _user_rewards(directory: Path) -> None:
         ({"num_generations": 3}, "invalid recipe for `boft-plugin grpo`.*number of generations"),
         ({"per_device_train_batch_size": 128, "num_generations": 2}, "fewer than one generation batch"),
         ({"max_length": 32}, r"'max_length' \(a SFT / DPO / KTO key"),
+        ({"use_vllm": True}, "'use_vllm': vLLM is not installed"),
     ],
 )
 def test_grpo_input_that_cannot_train_is_refused_before_anything_loads(tmp_path, monkeypatch, change, message):

@@ -120,10 +120,22 @@ def main() -> None:
         shards = [row.as_dict() for row in adapter_shards(model)]
         boft_plugin.export_adapter(runner, out / "adapter")
         boft_plugin.export_merged(runner, out / "merged")
+        # the weight-sync stream (TRL's vLLM path): every rank iterates, rank 0 keeps what it would push
+        from boft_plugin.export.weight_stream import iter_merged_weights
+
+        streamed = {name: tensor.clone() for name, tensor in iter_merged_weights(runner)}
+        with torch.no_grad():
+            after_stream = runner(input_ids=probe).logits  # the trained model is untouched by the stream
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            save_file({name: tensor.contiguous() for name, tensor in streamed.items()}, out / "streamed.safetensors")
+        del streamed
         (out / "shards").mkdir(parents=True, exist_ok=True)
         (out / "shards" / f"rank{rank}.json").write_text(json.dumps(shards))
         if rank == 0:
             torch.save({"probe": probe, "logits": logits.float()}, out / "logits.pt")
+            torch.save({"logits": after_stream.float()}, out / "logits_after_stream.pt")
             result = {
                 "engine": args.engine,
                 "world": world,
