@@ -8,7 +8,7 @@ from pathlib import Path
 from ..runtime.atomic import write_jsonl
 from ..toy.tasks import preference_examples, prompt_examples, sft_examples, unpaired_preference_examples
 
-__all__ = ["tiny_recipe", "write_recipe", "write_tiny_data"]
+__all__ = ["check_verified", "read_summary", "tiny_recipe", "write_recipe", "write_tiny_data"]
 
 
 def write_tiny_data(
@@ -80,3 +80,21 @@ def write_recipe(path: str | os.PathLike, mapping: dict) -> str:
 
     Path(path).write_text(yaml.safe_dump(mapping))
     return str(path)
+
+
+def read_summary(output_dir: str | os.PathLike) -> dict:
+    """A run's ``boft_run_summary.json``."""
+    import json
+
+    return json.loads((Path(output_dir) / "boft_run_summary.json").read_text())
+
+
+def check_verified(*output_dirs: str | os.PathLike, factors: int = 2, tolerance: float = 1e-5) -> None:
+    """``boft-plugin verify`` in a fresh process: each run's adapter (and merged model) matches stock PEFT's maths."""
+    from ..export.verify import verify_in_fresh_process
+
+    for report in verify_in_fresh_process(*output_dirs, timeout=300):
+        assert report["ok"], report
+        assert report["n_butterfly_factor"] == factors and report["oracle_rel_err"] < tolerance, report
+        if "merged_rel_err" in report:
+            assert report["merged_rel_err"] < tolerance, report

@@ -117,7 +117,7 @@ class _Cases:
 
     def grpo_reward_not_importable(self):
         return self._refused_recipe(
-            "grpo_import", task="grpo", tiny_model=True, boft_block_size=4, reward_funcs=["my_rewards.score"]
+            "grpo_import", task="grpo", tiny_model=True, boft_block_size=4, reward_funcs=["no_such_reward_module.score"]
         )
 
     def foreign_output_dir(self):

@@ -5,32 +5,19 @@ on this task (KTO's KL baseline is estimated per micro-batch, so not exactly in 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
 
 from boft_plugin.errors import RecipeError
-from boft_plugin.export.verify import verify_in_fresh_process
 from boft_plugin.runtime.atomic import write_jsonl
 from boft_plugin.runtime.launchers import accelerate_cmd, cpu_env, launch, torchrun_cmd
 from boft_plugin.testing.paths import REPO
-from boft_plugin.testing.recipes import tiny_recipe, write_recipe, write_tiny_data
+from boft_plugin.testing.recipes import check_verified, tiny_recipe, write_recipe, write_tiny_data
+from boft_plugin.testing.recipes import read_summary as summary
 
 pytestmark = pytest.mark.timeout(900)
-
-
-def summary(output_dir: Path) -> dict:
-    return json.loads((output_dir / "boft_run_summary.json").read_text())
-
-
-def check_verified(*output_dirs: Path) -> None:
-    for report in verify_in_fresh_process(*output_dirs, timeout=300):
-        assert report["ok"], report
-        assert report["n_butterfly_factor"] == 2 and report["oracle_rel_err"] < 1e-5
-        if "merged_rel_err" in report:
-            assert report["merged_rel_err"] < 1e-5
 
 
 @pytest.mark.distributed
