@@ -63,7 +63,8 @@ def test_unknown_flag_and_task_specific_keys(tmp_path, data):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe("sft", tmp_path / "out", data))
     with pytest.raises(RecipeError, match="'no_such_flag'"):
         parse_recipe("sft", ["--config", path, "--no_such_flag", "1"])
-    with pytest.raises(RecipeError, match=r"'beta' .*DPO / KTO / GRPO / RLOO key: run `boft-plugin dpo \| kto \| grpo \| rloo`"):
+    owners = r"DPO / KTO / GRPO / RLOO key: run `boft-plugin dpo \| kto \| grpo \| rloo`"
+    with pytest.raises(RecipeError, match=rf"'beta' .*{owners}"):
         parse_recipe("sft", ["--config", path, "--beta", "0.2"])
 
 
