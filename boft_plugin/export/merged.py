@@ -37,15 +37,18 @@ from .safetensors_stream import (
 __all__ = ["export_merged"]
 
 
-def _plain_tensors(module: nn.Module, prefix: str) -> Iterator[tuple[str, Tensor, BoftLayer | None]]:
-    """(plain-model key, tensor, owning BOFT layer or None) in a deterministic order, adapters stripped."""
+def _plain_tensors(
+    module: nn.Module, prefix: str, buffers: bool = True
+) -> Iterator[tuple[str, Tensor, BoftLayer | None]]:
+    """(plain-model key, tensor, owning BOFT layer or None) in a deterministic order, adapters stripped; persistent
+    buffers too unless ``buffers`` is False."""
     from peft.utils.other import ModulesToSaveWrapper
 
     if isinstance(module, BoftLayer):
         base = module.get_base_layer()
         for name, tensor in base.named_parameters(recurse=False):
             yield f"{prefix}{name}", tensor, module if name == "weight" else None
-        for name, tensor in base.named_buffers(recurse=False):
+        for name, tensor in base.named_buffers(recurse=False) if buffers else ():
             if name not in base._non_persistent_buffers_set:
                 yield f"{prefix}{name}", tensor, None
         return
@@ -53,15 +56,15 @@ def _plain_tensors(module: nn.Module, prefix: str) -> Iterator[tuple[str, Tensor
         # the trained copy replaces the original in a merged model
         active = module.active_adapters[0] if module.active_adapters else None
         inner = module.modules_to_save[active] if active in module.modules_to_save else module.original_module  # noqa: SIM401 (ModuleDict has no get)
-        yield from _plain_tensors(inner, prefix)
+        yield from _plain_tensors(inner, prefix, buffers)
         return
     for name, tensor in module.named_parameters(recurse=False):
         yield f"{prefix}{name}", tensor, None
-    for name, tensor in module.named_buffers(recurse=False):
+    for name, tensor in module.named_buffers(recurse=False) if buffers else ():
         if name not in module._non_persistent_buffers_set:
             yield f"{prefix}{name}", tensor, None
     for child_name, child in module.named_children():
-        yield from _plain_tensors(child, f"{prefix}{child_name}.")
+        yield from _plain_tensors(child, f"{prefix}{child_name}.", buffers)
 
 
 def _merged_weight(layer: BoftLayer, weight: Tensor) -> Tensor:

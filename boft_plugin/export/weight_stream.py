@@ -4,9 +4,10 @@ For handing the policy's current weights to an inference engine (TRL's vLLM weig
 trained model: each base tensor is gathered by every rank (ZeRO-3 / FSDP2: one tensor at a time, collective), an
 adapted layer's weight is merged out of place (``W' = W B^T s``, the merge of :func:`.merged.export_merged`), and
 the result is yielded and dropped before the next is gathered. Nothing is merged into the model and nothing is
-unmerged after, so there is no bf16 merge/unmerge drift and no rank holds more than one gathered tensor with its
-merge. Names are the plain transformers model's (``model.layers.0.self_attn.q_proj.weight``); a tied weight is
-yielded once.
+unmerged after, so there is no bf16 merge/unmerge drift, and no rank holds more than one gathered base tensor with
+its merge (and that layer's gathered ``boft_R`` / ``boft_s``). Parameters only, as TRL's own sync yields (buffers
+are not weights vLLM loads). Names are the plain transformers model's (``model.layers.0.self_attn.q_proj.weight``);
+a tied weight is yielded once.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def iter_merged_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     tied = tied_keys(base_model)
     seen: dict[int, str] = {}
     with torch.no_grad():
-        for key, tensor, layer in _plain_tensors(base_model, ""):
+        for key, tensor, layer in _plain_tensors(base_model, "", buffers=False):  # parameters, as TRL's sync
             first = seen.get(id(tensor))
             if first is not None and (key in tied or first in tied):
                 continue  # the same tensor under a tied name

@@ -158,6 +158,12 @@ def check_data_order(training, options, num_rows: int | None, task: str) -> None
                 f"generation_batch_size {training.generation_batch_size} / num_generations {training.num_generations})"
                 ": TRL's sampler keeps whole generation batches only, so no step would run"
             )
+        if options.data_order_tail != "drop":
+            warnings.warn(
+                f"data_order_tail: {options.data_order_tail} is not used by {task.upper()}: TRL's own sampler "
+                "yields whole generation batches and drops an epoch's partial one",
+                stacklevel=2,
+            )
         return
     strategy = getattr(training, "train_sampling_strategy", "random")
     if task == "kto" and training.loss_type != "apo_zero_unpaired":  # TRL's KTOTrainer refuses these after loading

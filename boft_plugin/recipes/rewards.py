@@ -81,6 +81,13 @@ def _trial_call(name: str, function, row: dict[str, Any], conversational: bool) 
 
     completion: Any = [{"role": "assistant", "content": ""}] if conversational else ""
     columns = {key: [value] for key, value in row.items() if key not in ("prompt", "completion", "completion_ids")}
+    fixed = {"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric"}
+    clash = sorted(fixed & set(columns))
+    if clash:
+        raise RecipeError(
+            f"recipe key 'reward_funcs': the data's column(s) {clash} have the names of TRL's own reward arguments; "
+            "TRL cannot pass both to a reward function: rename the column(s)"
+        )
     kwargs = dict(
         prompts=[row["prompt"]],
         completions=[completion],
@@ -93,7 +100,7 @@ def _trial_call(name: str, function, row: dict[str, Any], conversational: bool) 
     try:
         output = function(**kwargs)
         if inspect.isawaitable(output):
-            output = asyncio.run(output)
+            output = _await(output)
     except Exception as err:  # noqa: BLE001 - the user's function; report what it raised
         raise RecipeError(
             f"recipe key 'reward_funcs': {name!r} failed on the first training row with an empty completion "
@@ -104,11 +111,24 @@ def _trial_call(name: str, function, row: dict[str, Any], conversational: bool) 
         values = list(output)
     except TypeError:
         values = None
+    values = [v.item() if hasattr(v, "item") and getattr(v, "ndim", 1) == 0 else v for v in values or []] or None
     if values is None or len(values) != 1 or not all(v is None or isinstance(v, numbers.Real) for v in values):
         raise RecipeError(
             f"recipe key 'reward_funcs': {name!r} returned {output!r} for one completion; it must return a list "
             "with one number (or None) per completion"
         )
+
+
+def _await(coroutine):
+    """The value of an async reward's coroutine, in a loop of its own (also when this thread runs one: Jupyter)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 def resolve_rewards(recipe, train_dataset) -> list:
@@ -120,9 +140,8 @@ def resolve_rewards(recipe, train_dataset) -> list:
     rewards: list = []
     if script.reward_model_name_or_path:
         path = os.path.expanduser(script.reward_model_name_or_path)
-        if (path.startswith((".", "/", "~")) or os.path.exists(path)) and not os.path.isfile(
-            os.path.join(path, "config.json")
-        ):
+        looks_local = script.reward_model_name_or_path.startswith((".", "/", "~")) or os.path.exists(path)
+        if looks_local and not os.path.isfile(os.path.join(path, "config.json")):
             raise RecipeError(
                 f"recipe key 'reward_model_name_or_path': {script.reward_model_name_or_path} is not a model "
                 "directory (no config.json)"

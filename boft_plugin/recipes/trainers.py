@@ -271,13 +271,16 @@ class _GenerationUnderEngines:
         stream_weight_sync(self)
 
     def _generate_single_turn(self, *args, **kwargs):
+        if self.use_vllm:  # vLLM generates from the synced weights; the model only streams them (recipes.vllm_sync)
+            return super()._generate_single_turn(*args, **kwargs)
         with self.boft_engine.generating(self.model_wrapped):
             return super()._generate_single_turn(*args, **kwargs)
 
 
 class BoftGRPOTrainer(_GenerationUnderEngines, _ExactReferenceAdapter, BoftTrainerMixin, GRPOTrainer):
-    """TRL's ``GRPOTrainer`` with :class:`BoftTrainerMixin`, an exact BOFT reference adapter when ``beta`` != 0 and
-    an init adapter is trained, and generation under every engine. The rows of a step are TRL's: its seeded
+    """TRL's ``GRPOTrainer`` with :class:`BoftTrainerMixin`, an exact BOFT reference adapter when ``beta`` != 0 (a
+    copy of the init adapter; under FSDP2 also of a fresh one, added before sharding), and generation under every
+    engine. The rows of a step are TRL's: its seeded
     ``RepeatSampler`` gives every rank the same order, split into whole generation batches."""
 
 

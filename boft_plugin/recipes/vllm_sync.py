@@ -26,9 +26,12 @@ __all__ = ["StreamedWeightSync", "stream_weight_sync"]
 class StreamedWeightSync(VLLMGeneration):
     """TRL's ``VLLMGeneration`` whose weight sync streams the merged BOFT weights (module docstring)."""
 
+    boft_trainer = None  # set by stream_weight_sync: its model_wrapped is the DeepSpeed engine once training runs
+
     def _iter_named_params(self) -> Iterator[tuple[str, Tensor]]:
         """Collective, as TRL's: every rank iterates (the gathers are collectives); rank 0's values are pushed."""
-        for name, tensor in iter_merged_weights(self.model):
+        wrapped = getattr(self.boft_trainer, "model_wrapped", None)
+        for name, tensor in iter_merged_weights(wrapped if wrapped is not None else self.model):
             yield self._fix_param_name_to_vllm(name), tensor
 
 
@@ -38,4 +41,5 @@ def stream_weight_sync(trainer) -> bool:
     if generation is None or not isinstance(generation, VLLMGeneration):
         return False
     generation.__class__ = StreamedWeightSync
+    generation.boft_trainer = trainer
     return True

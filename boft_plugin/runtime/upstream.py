@@ -114,6 +114,14 @@ OVERRIDDEN = (
     PrivateName("trl", "DPOTrainer.compute_ref_log_probs", "recipes.trainers: ZeRO-3 reference pass first"),
     PrivateName("trl", "KTOTrainer._compute_loss", "recipes.trainers: ZeRO-3 reference pass first"),
     PrivateName("trl", "KTOTrainer.compute_ref_log_probs", "recipes.trainers: ZeRO-3 reference pass first"),
+    PrivateName("trl", "GRPOTrainer._generate_single_turn", "recipes.trainers: generation inside Engine.generating"),
+    PrivateName("trl", "RLOOTrainer._generate_single_turn", "recipes.trainers: generation inside Engine.generating"),
+    PrivateName(
+        "trl.generation.vllm_generation", "VLLMGeneration._iter_named_params", "recipes.vllm_sync: the streamed sync"
+    ),
+    PrivateName(
+        "trl.generation.vllm_generation", "VLLMGeneration._fix_param_name_to_vllm", "recipes.vllm_sync: vLLM names"
+    ),
     PrivateName(
         "deepspeed.runtime.zero.partition_parameters", "Init._zero_init_param", "zero3_loading: partition only"
     ),

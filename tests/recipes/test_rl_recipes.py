@@ -17,7 +17,7 @@ from boft_plugin.testing.paths import REPO
 from boft_plugin.testing.recipes import check_verified, tiny_recipe, write_recipe, write_tiny_data
 from boft_plugin.testing.recipes import read_summary as summary
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = pytest.mark.timeout(1500)  # above the sum of each test's launch timeouts
 
 BOFT = dict(tiny_model=True, boft_block_size=4, boft_n_butterfly_factor=2, boft_target_modules=["all-linear"])
 
@@ -60,7 +60,17 @@ def test_cli_grpo_continues_an_sft_adapter_alike_under_zero3_and_fsdp2(tmp_path)
     assert rewards_one.keys() == rewards_other.keys() == {1, 2, 3}
     assert all(abs(rewards_one[s] - rewards_other[s]) < 1e-6 for s in rewards_one)
     losses_one, losses_other = (dict(result["train_loss"]) for result in (one, other))
+    assert losses_one.keys() == losses_other.keys() == {1, 2, 3}
     assert all(abs(losses_one[s] - losses_other[s]) < 1e-5 for s in losses_one)
+    # the same completions train the same adapter (the loss alone is ~beta * KL here: advantages average to 0)
+    from safetensors.torch import load_file
+
+    initial = load_file(sft_out / "adapter_model.safetensors")
+    trained_one, trained_other = (load_file(out / "adapter_model.safetensors") for out in (zero3_out, fsdp2_out))
+    assert trained_one.keys() == trained_other.keys() == initial.keys()
+    moved = max((trained_one[k] - initial[k]).abs().max().item() for k in initial)
+    apart = max((trained_one[k] - trained_other[k]).abs().max().item() for k in initial)
+    assert moved > 1e-4 and apart < 1e-3 * moved, (moved, apart)
     check_verified(zero3_out, fsdp2_out)
 
 
@@ -103,6 +113,9 @@ def _user_rewards(directory: Path) -> None:
         "    return [float(c == s) for c, s in zip(completions, solution)]\n"
         "async def async_reward(completions, **kwargs):\n"
         "    return [1.0 for _ in completions]\n"
+        "def tensor_reward(completions, **kwargs):\n"
+        "    import torch\n"
+        "    return [torch.tensor(1.0) for _ in completions]\n"
     )
 
 
@@ -122,6 +135,7 @@ def _user_rewards(directory: Path) -> None:
         ({"reward_model_name_or_path": "./no_such_model"}, "'reward_model_name_or_path': ./no_such_model is not a"),
         ({"reward_weights": [1.0, 2.0]}, r"'reward_weights': 2 weight\(s\) for 1 reward\(s\)"),
         ({"dataset": "text"}, r"GRPO expects 'prompt'"),
+        ({"dataset": "clash"}, r"column\(s\) \['trainer_state'\] have the names of TRL's own reward arguments"),
         ({"num_generations": 3}, "invalid recipe for `boft-plugin grpo`.*number of generations"),
         ({"per_device_train_batch_size": 128, "num_generations": 2}, "fewer than one generation batch"),
         ({"max_length": 32}, r"'max_length' \(a SFT / DPO / KTO key"),
@@ -136,8 +150,12 @@ def test_grpo_input_that_cannot_train_is_refused_before_anything_loads(tmp_path,
     monkeypatch.syspath_prepend(str(tmp_path))
     data = write_tiny_data(tmp_path / "data")
     change = dict(change)
-    if change.pop("dataset", None) == "text":
+    dataset = change.pop("dataset", None)
+    if dataset == "text":
         data["grpo"] = write_jsonl([{"text": "reverse ab=ba"}] * 8, tmp_path / "data" / "text.jsonl")
+    if dataset == "clash":
+        rows = [{"prompt": "reverse ab=", "trainer_state": "x"}] * 8
+        data["grpo"] = write_jsonl(rows, tmp_path / "data" / "clash.jsonl")
     out = tmp_path / "out"
     mapping = tiny_recipe("grpo", out, data, **BOFT)
     mapping.update(change)
@@ -147,7 +165,7 @@ def test_grpo_input_that_cannot_train_is_refused_before_anything_loads(tmp_path,
     assert not out.exists()
 
 
-def test_grpo_rewards_are_resolved_as_trl_names_them_and_zero3_generation_gathers_per_module(tmp_path, monkeypatch):
+def test_grpo_rewards_are_resolved_as_trl_names_them_and_zero3_generation_defaults_to_per_module(tmp_path, monkeypatch):
     from boft_plugin.recipes import parse_recipe, prepare
     from boft_plugin.toy.rewards import alphabet_reward
 
@@ -158,13 +176,18 @@ def test_grpo_rewards_are_resolved_as_trl_names_them_and_zero3_generation_gather
     rows = [{"prompt": [{"role": "user", "content": "2+2="}], "solution": "4"}] * 8  # think_format_reward: chat
     data["rloo"] = write_jsonl(rows, tmp_path / "data" / "math.jsonl")
     names = ["boft_plugin.toy.rewards.alphabet_reward", "think_format_reward", "my_rewards.needs_solution"]
-    names.append("my_rewards.async_reward")
-    mapping = tiny_recipe("rloo", tmp_path / "out", data, **BOFT, reward_funcs=names, reward_weights=[1, 1, 1, 1])
+    names += ["my_rewards.async_reward", "my_rewards.tensor_reward"]  # TRL awaits the one, makes a tensor of the other
+    mapping = tiny_recipe("rloo", tmp_path / "out", data, **BOFT, reward_funcs=names, reward_weights=[1] * 5)
     recipe = parse_recipe("rloo", [], config=mapping)
     assert recipe.training.ds3_gather_for_generation is False  # the recipe default (TRL's is true)
     plan = prepare(recipe)
     assert plan.reward_funcs[0] is alphabet_reward
-    assert [f.__name__ for f in plan.reward_funcs[1:]] == ["think_format_reward", "needs_solution", "async_reward"]
+    assert [f.__name__ for f in plan.reward_funcs[1:]] == [
+        "think_format_reward",
+        "needs_solution",
+        "async_reward",
+        "tensor_reward",
+    ]
     kept = parse_recipe("rloo", ["--ds3_gather_for_generation", "true"], config=mapping)
     assert kept.training.ds3_gather_for_generation is True  # a recipe that sets it keeps it
 

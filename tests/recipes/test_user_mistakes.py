@@ -173,7 +173,7 @@ def test_help_shows_config_first_and_hides_refused_flags(capsys):
 
 
 def test_examples_parse_without_deprecation_warnings():
-    for task in ("sft", "dpo", "kto"):
+    for task in ("sft", "dpo", "kto", "grpo"):
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)
             example = str(REPO / "examples" / f"{task}_recipe.yaml")
