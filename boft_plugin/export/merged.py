@@ -67,6 +67,21 @@ def _plain_tensors(
         yield from _plain_tensors(child, f"{prefix}{child_name}.", buffers)
 
 
+def _untied_plain_tensors(
+    base_model: nn.Module, buffers: bool = True
+) -> Iterator[tuple[str, Tensor, BoftLayer | None]]:
+    """:func:`_plain_tensors` of ``base_model`` with a tied weight (``lm_head.weight`` tied to the embeddings) once,
+    as ``save_pretrained`` writes it."""
+    tied = tied_keys(base_model)
+    seen: dict[int, str] = {}
+    for key, tensor, layer in _plain_tensors(base_model, "", buffers):
+        first = seen.get(id(tensor))
+        if first is not None and (key in tied or first in tied):
+            continue  # the same tensor under a tied name
+        seen[id(tensor)] = key
+        yield key, tensor, layer
+
+
 def _merged_weight(layer: BoftLayer, weight: Tensor) -> Tensor:
     """Merge the layer's active, not-yet-merged adapters into a gathered base weight (every rank gathers)."""
     matrix = layer.weight_to_matrix(weight)
@@ -107,7 +122,6 @@ def export_merged(
     settle_zero3(model)
     peft_model = unwrap_peft_model(model)
     base_model = peft_model.get_base_model()
-    tied = tied_keys(base_model)
     float_weights = FloatWeights(base_model, full_precision_checkpoint)
     if float_weights.source == "dequantised" and rank() == 0:
         warnings.warn(
@@ -116,12 +130,7 @@ def export_merged(
             stacklevel=2,
         )
     order: list[tuple[TensorEntry, Tensor, BoftLayer | None]] = []
-    seen: dict[int, str] = {}
-    for key, tensor, layer in _plain_tensors(base_model, ""):  # planned without gathering anything
-        first = seen.get(id(tensor))
-        if first is not None and (key in tied or first in tied):
-            continue  # the same tensor under a tied name: written once, as save_pretrained does
-        seen[id(tensor)] = key
+    for key, tensor, layer in _untied_plain_tensors(base_model):  # planned without gathering anything
         source = float_weights.get(tensor)
         shape, dtype = (source.shape, source.dtype) if source else (global_shape(tensor), tensor.dtype)
         order.append((TensorEntry(key, shape, dtype, math.prod(shape) * dtype.itemsize), tensor, layer))

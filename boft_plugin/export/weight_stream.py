@@ -18,8 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed.gather import full_tensor, settle_zero3, unwrap_peft_model
-from .merged import _merged_weight, _plain_tensors
-from .safetensors_stream import tied_keys
+from .merged import _merged_weight, _untied_plain_tensors
 
 __all__ = ["iter_merged_weights"]
 
@@ -36,14 +35,8 @@ def iter_merged_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """
     settle_zero3(model)
     base_model = unwrap_peft_model(model).get_base_model()
-    tied = tied_keys(base_model)
-    seen: dict[int, str] = {}
     with torch.no_grad():
-        for key, tensor, layer in _plain_tensors(base_model, "", buffers=False):  # parameters, as TRL's sync
-            first = seen.get(id(tensor))
-            if first is not None and (key in tied or first in tied):
-                continue  # the same tensor under a tied name
-            seen[id(tensor)] = key
+        for key, tensor, layer in _untied_plain_tensors(base_model, buffers=False):  # parameters, as TRL's sync
             if getattr(tensor, "quant_state", None) is not None or tensor.dtype in (torch.uint8, torch.int8):
                 raise NotImplementedError(
                     f"{key} is quantised: streaming merged weights of a quantised base is not supported (merge "
